@@ -1,0 +1,98 @@
+"""Shared plumbing of the stage scripts: params, logging, device, task, backbone, index."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from transfgu.data import is_things_only, published_pseudo_batch, resolve_task  # noqa: E402
+from transfgu.models.vit import build_backbone  # noqa: E402
+
+OUT = Path("outputs")
+INDEX = OUT / "index.json"
+FEATURE_BANK = OUT / "feature_bank.h5"
+CENTROIDS = OUT / "centroids.npz"
+PSEUDO_MASKS = OUT / "pseudo_masks.h5"
+PSEUDO_METRICS = OUT / "pseudo_metrics.json"
+DECODER = OUT / "decoder.pt"
+TRAIN_LOG = OUT / "train_log.csv"
+METRICS = OUT / "metrics.json"
+
+log = logging.getLogger("transfgu")
+
+
+def setup(stage: str) -> dict:
+    """Read params.yaml, configure logging and seeds, validate the dataset/granularity pair."""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S")
+    params_path = Path(os.environ.get("TRANSFGU_PARAMS", "params.yaml"))
+    if not params_path.is_file():
+        raise SystemExit(f"{params_path} not found: run the stages from the project root")
+    params = yaml.safe_load(params_path.read_text())
+    try:
+        is_things_only(params["dataset"]["name"])
+        resolve_task(params["dataset"]["name"], int(params["granularity"]))
+    except ValueError as e:
+        raise SystemExit(f"params.yaml: {e}") from None
+    seed = int(params["seed"])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return params
+
+
+def task_of(params):
+    return resolve_task(params["dataset"]["name"], int(params["granularity"]))
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backbone_of(params, dev) -> torch.nn.Module:
+    b = params["backbone"]
+    model = build_backbone(b["arch"], int(b["patch_size"]), b.get("checkpoint"), seed=int(params["seed"]))
+    if not b.get("checkpoint"):
+        log.warning("backbone %s/%d has RANDOM weights (backbone.checkpoint is empty): results are not "
+                    "meaningful segmentations", b["arch"], b["patch_size"])
+    else:
+        log.info("backbone %s/%d loaded from %s", b["arch"], b["patch_size"], b["checkpoint"])
+    return model.to(dev)
+
+
+def grad_scale_of(params) -> float:
+    value = params["pseudo"].get("grad_scale", "auto")
+    if value == "auto":
+        return 1.0 / published_pseudo_batch(params["dataset"]["name"])
+    return float(value)
+
+
+def loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                       persistent_workers=False)
+
+
+@contextmanager
+def timed(what: str):
+    t0 = time.time()
+    yield
+    log.info("%s took %.1f s", what, time.time() - t0)
+
+
+def size_mb(path: Path) -> float:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2 ** 20
+    return path.stat().st_size / 2 ** 20

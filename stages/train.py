@@ -1,0 +1,63 @@
+"""train: the Segmenter decoder on the frozen backbone with the pseudo masks and bootstrapping
+(METHOD.md section 4)."""
+import csv
+
+import h5py
+import torch
+
+from common import (DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, backbone_of, device, loader, log, setup, task_of,
+                    timed)
+
+from transfgu.data import SplitDataset
+from transfgu.io import atomic_output, read_json
+from transfgu.models.decoder import build_decoder
+from transfgu.train import TrainConfig, train_decoder
+
+LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "val_miou", "val_pixel_accuracy",
+              "bootstrapping", "handover", "seconds")
+
+
+def main():
+    params = setup("train")
+    task, cfg, R, seed = task_of(params), params["train"], int(params["dataset"]["R"]), int(params["seed"])
+    dev = device()
+    backbone = backbone_of(params, dev)
+    index = read_json(INDEX)
+    with h5py.File(PSEUDO_MASKS, "r") as h5:
+        n_maps = h5["gradient"].shape[1]
+    if n_maps != task.n_concepts:
+        raise SystemExit(f"{PSEUDO_MASKS} has {n_maps} maps per image, granularity {task.granularity} needs "
+                         f"{task.n_concepts}: re-run pseudo")
+    train_data = SplitDataset(index, "train", R, maps_path=PSEUDO_MASKS)
+    val_loader = None
+    if cfg["select_by"] == "val":
+        if not all(e.get("label") for e in index["splits"]["val"]):
+            raise SystemExit("train.select_by: 'val' needs labels on the val split; use 'last'")
+        val_loader = loader(SplitDataset(index, "val", R, lut=task.label_lut), int(cfg["batch_size"]),
+                            int(cfg["num_workers"]))
+    elif cfg["select_by"] != "last":
+        raise SystemExit(f"train.select_by: expected 'val' or 'last', got {cfg['select_by']!r}")
+    decoder = build_decoder(task.n_outputs, backbone.embed_dim, seed, float(cfg["dropout"]))
+    tc = TrainConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
+                     weight_decay=float(cfg["weight_decay"]), loss_weights=tuple(cfg["loss_weights"]),
+                     bootstrap_start=int(cfg["bootstrap_start"]),
+                     bootstrap_intervals=tuple(cfg["bootstrap_intervals"]),
+                     bootstrap_block=int(cfg["bootstrap_block"]), seed=seed)
+    log.info("%d train images at %d px (crops to %d), %d output channels, %d epochs, batch %d, %s", len(train_data),
+             R, R // 2, task.n_outputs, tc.epochs, tc.batch_size, "model kept by val mIoU + accuracy"
+             if val_loader is not None else "last epoch kept")
+    train_loader = loader(train_data, tc.batch_size, int(cfg["num_workers"]), shuffle=True, seed=seed)
+    with timed("train"):
+        best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
+                                      len(task.class_names), dev)
+    with atomic_output(DECODER) as tmp:
+        torch.save(best, tmp)
+    with atomic_output(TRAIN_LOG) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(history)
+    log.info("wrote %s and %s", DECODER, TRAIN_LOG)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Confusion matrix, Hungarian matching of clusters to classes, mIoU and pixel accuracy (METHOD.md section 5)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+
+def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, n_pred: int, n_classes: int) -> np.ndarray:
+    """Counts (n_pred, n_classes) of predicted cluster vs ground-truth class; labels outside
+    [0, n_classes) are ignored."""
+    pred, label = pred.reshape(-1).long(), label.reshape(-1).long()
+    valid = (label >= 0) & (label < n_classes)
+    idx = pred[valid] * n_classes + label[valid]
+    counts = torch.bincount(idx, minlength=n_pred * n_classes)
+    return counts.reshape(n_pred, n_classes).cpu().numpy().astype(np.int64)
+
+
+def hungarian_match(conf: np.ndarray) -> np.ndarray:
+    """The one-to-one assignment of clusters to classes maximising matched pixels: array (n_pred,)
+    giving each cluster's class, -1 for clusters left unmatched."""
+    rows, cols = linear_sum_assignment(conf, maximize=True)
+    mapping = np.full(conf.shape[0], -1, dtype=np.int64)
+    mapping[rows] = cols
+    return mapping
+
+
+def matched_confusion(conf: np.ndarray, mapping: np.ndarray) -> np.ndarray:
+    """Class x class confusion (rows: matched prediction, cols: ground truth)."""
+    n_classes = conf.shape[1]
+    out = np.zeros((n_classes, n_classes), dtype=np.int64)
+    for cluster, cls in enumerate(mapping):
+        if cls >= 0:
+            out[cls] += conf[cluster]
+    return out
+
+
+def segmentation_scores(conf: np.ndarray) -> dict:
+    """Hungarian-matched mIoU and pixel accuracy (percent) and per-class IoU from a cluster x class
+    confusion matrix. mIoU averages the classes present in the ground truth or the prediction."""
+    mapping = hungarian_match(conf)
+    matched = matched_confusion(conf, mapping)
+    tp = np.diag(matched).astype(np.float64)
+    gt = matched.sum(0).astype(np.float64)
+    pred = matched.sum(1).astype(np.float64)
+    union = gt + pred - tp
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), np.nan)
+    total = conf.sum()
+    return {
+        "miou": float(100 * np.nanmean(iou)) if present.any() else 0.0,
+        "pixel_accuracy": float(100 * tp.sum() / total) if total else 0.0,
+        "per_class_iou": [None if np.isnan(v) else float(100 * v) for v in iou],
+        "mapping": mapping,
+        "matched_confusion": matched,
+    }

@@ -1,0 +1,1 @@
+"""Networks: the frozen DINO ViT backbone and the Segmenter mask-transformer decoder."""

@@ -1,0 +1,167 @@
+"""Segmenter training with bootstrapping (METHOD.md section 4), and the evaluation forward it shares
+with the evaluate stage."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .augment import augment, draw_params
+from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
+from .metrics import confusion_matrix, segmentation_scores
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.1)
+
+
+@dataclass
+class EpochPlan:
+    bootstrapping: bool   # a teacher predicts this epoch
+    handover: bool        # at the start of this epoch the teacher takes the student, the student is reset
+    alpha: float          # weight of the negative-label term (0 without bootstrapping)
+
+
+def bootstrap_schedule(epochs: int, start: int, intervals=(3, 3, 3, 2), block: int = 10,
+                       alphas=ALPHAS) -> list[EpochPlan]:
+    """Per epoch: bootstrapping from epoch `start`; a hand-over at every epoch e >= start with
+    e % u == 0, u = intervals[min(e // block, len - 1)], and at `start` itself if that is not such an
+    epoch (so the teacher is never the untrained decoder); alpha = alphas[epochs since the last hand-over]."""
+    plans, since, handed = [], 0, False
+    for e in range(epochs):
+        u = intervals[min(e // block, len(intervals) - 1)]
+        boot = e >= start
+        handover = boot and (e % u == 0 or not handed)
+        handed |= handover
+        since = 0 if handover else since + 1
+        plans.append(EpochPlan(boot, handover, alphas[min(since, len(alphas) - 1)] if boot else 0.0))
+    return plans
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float):
+    """No weight decay on biases and norm parameters (1-d)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def decode(backbone, decoder, images_01: torch.Tensor):
+    """Logits at the patch grid (B, C, h, w) and class features for RGB images in [0, 1]."""
+    B, _, H, W = images_01.shape
+    p = backbone.patch_size
+    with torch.no_grad():
+        patches = backbone(backbone.normalize(images_01))[:, 1:]
+    return decoder(patches, (H // p, W // p))
+
+
+@torch.no_grad()
+def predict(backbone, decoder, images_01: torch.Tensor) -> torch.Tensor:
+    """Per-pixel cluster ids (B, H, W): logits upsampled bilinearly to the image size, argmax."""
+    logits, _ = decode(backbone, decoder, images_01)
+    return F.interpolate(logits, size=images_01.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+
+
+@torch.no_grad()
+def evaluate_loader(backbone, decoder, loader, n_outputs: int, n_classes: int, device, progress: str = "eval",
+                    on_batch=None) -> np.ndarray:
+    """Cluster x class confusion matrix over a loader of {"image", "label"} batches."""
+    decoder.eval()
+    conf = np.zeros((n_outputs, n_classes), dtype=np.int64)
+    for batch in tqdm(loader, desc=progress, leave=False):
+        images = batch["image"].to(device).float() / 255
+        pred = predict(backbone, decoder, images)
+        conf += confusion_matrix(pred, batch["label"].to(device), n_outputs, n_classes)
+        if on_batch is not None:
+            on_batch(batch, pred)
+    return conf
+
+
+@dataclass
+class TrainConfig:
+    epochs: int
+    batch_size: int
+    lr: float = 1e-4
+    weight_decay: float = 5e-4
+    loss_weights: tuple = (1.0, 0.3, 1.0)
+    bootstrap_start: int = 3
+    bootstrap_intervals: tuple = (3, 3, 3, 2)
+    bootstrap_block: int = 10
+    teacher_weight: float = 0.5
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
+                  n_classes: int, device, on_epoch=None):
+    """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
+
+    The best epoch is chosen by mIoU + pixel accuracy on val_loader when given, else the last epoch is
+    kept. The backbone features of each augmented batch are computed once and shared by the student
+    and the teacher."""
+    p = backbone.patch_size
+    decoder.to(device)
+    init_state = copy.deepcopy(decoder.state_dict())
+    teacher = copy.deepcopy(decoder).eval()
+    optimizer = torch.optim.Adam(param_groups(decoder, cfg.weight_decay), lr=cfg.lr)
+    perm_gen = torch.Generator().manual_seed(cfg.seed)
+    plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
+    w_cat, w_unc, w_emb = cfg.loss_weights
+    history, best, best_score = [], None, -np.inf
+    for epoch, plan in enumerate(plans):
+        t0 = time.time()
+        if plan.handover:
+            teacher.load_state_dict(decoder.state_dict())
+            decoder.load_state_dict(init_state)
+        decoder.train()
+        sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
+        n_batches = 0
+        for batch in tqdm(train_loader, desc=f"train epoch {epoch}", leave=False):
+            images = batch["image"].to(device).float() / 255
+            maps = batch["maps"].to(device)
+            R = images.shape[-1]
+            params = draw_params(cfg.seed, epoch, batch["index"].tolist(), R)
+            images, maps = augment(images, maps, params, R // 2, R // (2 * p))
+            with torch.no_grad():
+                patches = backbone(backbone.normalize(images))[:, 1:]
+                teacher_logits = teacher(patches, maps.shape[-2:])[0] if plan.bootstrapping else None
+            logits, class_feat = decoder(patches, maps.shape[-2:])
+            target = soft_targets(maps, things_only, teacher_logits, cfg.teacher_weight)
+            perm = torch.randperm(target.shape[1], generator=perm_gen).to(device) if plan.bootstrapping else None
+            l_cat = loss_cat(logits, target, plan.alpha, perm)
+            if things_only:
+                foreground = (normalize_maps(maps) > 0.1).any(1)
+                l_unc = loss_uncertainty(logits[:, 1:], foreground)
+            else:
+                l_unc = loss_uncertainty(logits)
+            l_emb = loss_cls_emb(class_feat)
+            loss = w_cat * l_cat + w_unc * l_unc + w_emb * l_emb
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_value_(decoder.parameters(), cfg.grad_clip)
+            optimizer.step()
+            for k, v in zip(sums, (loss, l_cat, l_unc, l_emb)):
+                sums[k] += float(v)
+            n_batches += 1
+        row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
+               "bootstrapping": plan.bootstrapping, "handover": plan.handover}
+        score = float(epoch)
+        if val_loader is not None:
+            conf = evaluate_loader(backbone, decoder, val_loader, decoder.n_cls, n_classes, device, "val")
+            s = segmentation_scores(conf)
+            row.update(val_miou=s["miou"], val_pixel_accuracy=s["pixel_accuracy"])
+            score = s["miou"] + s["pixel_accuracy"]
+        row["seconds"] = time.time() - t0
+        history.append(row)
+        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        if score > best_score:
+            best_score, best = score, copy.deepcopy(decoder.state_dict())
+        if on_epoch is not None:
+            on_epoch(row)
+    return best, history
