@@ -24,7 +24,7 @@ def main():
             x = h5[f"{group}/features"][:].astype(np.float32)
             log.info("k-means of %d %s vectors (dim %d) into %d centres, %d iterations, %s", len(x), group,
                      x.shape[1], k, int(cfg["niter"]), "GPU" if gpu_available() else "CPU")
-            parts.append(kmeans(x, k, int(cfg["niter"]), seed, name=f"{group} crops"))
+            parts.append(kmeans(x, k, int(cfg["niter"]), seed, name=f"{group} crops", nredo=int(cfg.get("nredo", 1))))
     centroids = np.concatenate(parts)
     with atomic_output(CENTROIDS) as tmp, open(tmp, "wb") as f:
         np.savez(f, centroids=centroids, n_things=task.n_things, n_stuff=task.n_stuff)

@@ -11,10 +11,11 @@ def gpu_available() -> bool:
 
 
 def kmeans(x: np.ndarray, k: int, niter: int = 100, seed: int = 0, use_gpu: bool | None = None,
-           name: str = "features") -> np.ndarray:
+           name: str = "features", nredo: int = 1) -> np.ndarray:
     """k-means (squared L2) of x (N, D) into k centres with faiss, on the GPU when faiss-gpu sees one.
 
-    Every point is used (no subsampling). The returned centres are the means of the points assigned
+    Every point is used (no subsampling). nredo > 1 runs that many initialisations and keeps the one
+    with the lowest objective (the published method uses one). The returned centres are the means of the points assigned
     to them by a final assignment step (a centre left empty keeps its faiss position)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
@@ -23,7 +24,7 @@ def kmeans(x: np.ndarray, k: int, niter: int = 100, seed: int = 0, use_gpu: bool
                          f"use more images or a smaller granularity")
     if use_gpu is None:
         use_gpu = gpu_available()
-    km = faiss.Kmeans(d, k, niter=niter, seed=seed, gpu=bool(use_gpu), verbose=False,
+    km = faiss.Kmeans(d, k, niter=niter, nredo=nredo, seed=seed, gpu=bool(use_gpu), verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max(n // k + 1, 1) * 2)
     km.train(x)
     _, assign = km.index.search(x, 1)

@@ -27,12 +27,14 @@ def colorize(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
 
 
 def comparison_picture(image: np.ndarray, pred_class: np.ndarray, label: np.ndarray | None,
-                       class_names, colors: np.ndarray) -> Image.Image:
+                       class_names, colors: np.ndarray, min_height: int = 160) -> Image.Image:
     """One row image | prediction | ground truth (if any), above a legend of the classes present."""
     panels = [image, colorize(pred_class, colors)]
     if label is not None:
         panels.append(colorize(label, colors))
     row = np.concatenate(panels, axis=1)
+    zoom = max(1, -(-min_height // row.shape[0]))  # small images are enlarged (nearest) to be readable
+    row = row.repeat(zoom, axis=0).repeat(zoom, axis=1)
     present = sorted(set(np.unique(pred_class).tolist()) | (set(np.unique(label).tolist()) if label is not None else set()))
     present = [c for c in present if 0 <= c < len(class_names)]
     font = ImageFont.load_default()
