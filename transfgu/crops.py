@@ -76,7 +76,8 @@ def crop_features(backbone, images: torch.Tensor, windows: torch.Tensor, crop_si
     empty when things_only)."""
     B, _, H, W = images.shape
     p = backbone.patch_size
-    _, attn = backbone.forward_with_cls_attention(images)
+    _, attn_cls, _ = backbone.last_block_inputs(images)  # only the [CLS] attention row is needed
+    attn = attn_cls[:, :, 1:].mean(1)
     grid = H // p
     thing, stuff = select_crops(attn.view(B, grid, grid), windows, thing_fraction, stuff_fraction)
     if things_only:
@@ -89,7 +90,7 @@ def crop_features(backbone, images: torch.Tensor, windows: torch.Tensor, crop_si
             sl = slice(start, start + crop_batch)
             crops = cut_crops(images, img_idx[sl], windows.to(images.device)[win_idx[sl]] * p, crop_size)
             feats.append(backbone(crops)[:, 0].float())
-        feats = torch.cat(feats) if feats else images.new_zeros((0, backbone.embed_dim))
+        feats = torch.cat(feats) if feats else torch.zeros((0, backbone.embed_dim))
         counts = keep.sum(1).tolist()
         results.append(list(feats.cpu().split(counts)))
     return results[0], results[1]
