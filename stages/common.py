@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from transfgu.data import is_things_only, published_pseudo_batch, resolve_task  # noqa: E402
+from transfgu.data import published_pseudo_batch, resolve_task, things_only  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
 
 OUT = Path("outputs")
@@ -40,8 +40,8 @@ def setup(stage: str) -> dict:
         raise SystemExit(f"{params_path} not found: run the stages from the project root")
     params = yaml.safe_load(params_path.read_text())
     try:
-        is_things_only(params["dataset"]["name"])
-        resolve_task(params["dataset"]["name"], int(params["granularity"]))
+        things_only(params["dataset"])
+        resolve_task(params["dataset"], int(params["granularity"]))
     except ValueError as e:
         raise SystemExit(f"params.yaml: {e}") from None
     seed = int(params["seed"])
@@ -53,7 +53,7 @@ def setup(stage: str) -> dict:
 
 
 def task_of(params):
-    return resolve_task(params["dataset"]["name"], int(params["granularity"]))
+    return resolve_task(params["dataset"], int(params["granularity"]))
 
 
 def device() -> torch.device:

@@ -1,80 +1,110 @@
 """evaluate: Hungarian-matched mIoU and pixel accuracy on the val split, per-class IoU, the confusion
-matrix, and pictures (METHOD.md section 5)."""
+matrix, and pictures (METHOD.md section 5). Without val labels it writes the predictions only.
+
+    python stages/evaluate.py                          # the DVC stage: outputs/decoder.pt -> outputs/
+    python stages/evaluate.py --decoder weight/trained/cocostuff27_decoder.pt
+                                                       # a published decoder -> outputs/published/<name>/
+"""
+import argparse
 import csv
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
-from common import DECODER, INDEX, METRICS, OUT, PSEUDO_METRICS, backbone_of, device, loader, log, setup, task_of, timed
+from common import DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, loader, log, setup, task_of, timed
 
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, read_json, write_json
 from transfgu.metrics import segmentation_scores
-from transfgu.models.decoder import build_decoder
+from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.train import evaluate_loader
 from transfgu.viz import comparison_picture, palette
 
-PER_CLASS = OUT / "per_class_iou.csv"
-CONFUSION = OUT / "confusion.csv"
-CONFUSION_PLOT = OUT / "confusion_plot.csv"
-PICTURES = OUT / "pictures"
+
+def write_csv(path: Path, header, rows):
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--decoder", type=Path, help="evaluate this decoder state dict (e.g. a published one)")
+    ap.add_argument("--out", type=Path, help="output folder (default outputs/, or outputs/published/<name>/)")
+    args = ap.parse_args(argv)
     params = setup("evaluate")
     task, cfg, R = task_of(params), params["evaluate"], int(params["dataset"]["R"])
+    decoder_path = args.decoder or DECODER
+    out = args.out or (OUT / "published" / decoder_path.stem if args.decoder else OUT)
     dev = device()
     backbone = backbone_of(params, dev)
     index = read_json(INDEX)
+    if not decoder_path.is_file():
+        raise SystemExit(f"{decoder_path} not found" + ("" if args.decoder else ": run the train stage first"))
     decoder = build_decoder(task.n_outputs, backbone.embed_dim)
-    if not DECODER.is_file():
-        raise SystemExit(f"{DECODER} not found: run the train stage first (dvc repro)")
-    decoder.load_state_dict(torch.load(DECODER, map_location="cpu", weights_only=True), strict=True)
+    try:
+        load_decoder(decoder, decoder_path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     decoder.to(dev).eval()
-    data = SplitDataset(index, "val", R, lut=task.label_lut)
+    entries = index["splits"]["val"]
+    labelled = task.label_lut is not None and all(e.get("label") for e in entries)
+    data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None)
     names = list(task.class_names)
-    log.info("%d val images at %d px, %d classes", len(data), R, len(names))
-    kept = []  # (image, prediction, label) of the first n_pictures images
+    log.info("%d val images at %d px, decoder %s, %s", len(data), R, decoder_path,
+             f"{len(names)} classes" if labelled else "no labels: predictions only")
+    kept = []  # the first n_pictures images with their prediction and label
 
-    def keep_pictures(batch, pred):
-        for img, p, lab in zip(batch["image"], pred.cpu(), batch["label"]):
+    def keep(batch, pred, predictions_dir):
+        pred = pred.cpu().numpy()
+        for j, i in enumerate(batch["index"].tolist()):
             if len(kept) < int(cfg["n_pictures"]):
-                kept.append((img.permute(1, 2, 0).numpy(), p.numpy(), lab.numpy()))
+                label = batch["label"][j].numpy() if labelled else None
+                kept.append((i, batch["image"][j].permute(1, 2, 0).numpy(), pred[j], label))
+            Image.fromarray(pred[j].astype(np.uint8)).save(predictions_dir / f"{entries[i]['id']}.png")
 
-    with timed("evaluate"):
-        conf = evaluate_loader(backbone, decoder, loader(data, int(cfg["batch_size"]), int(cfg["num_workers"])),
-                               task.n_outputs, len(names), dev, "evaluate", keep_pictures)
-    s = segmentation_scores(conf)
-    metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "n_images": len(data),
-               "n_classes": len(names)}
-    if PSEUDO_METRICS.is_file():  # the pseudo masks' own quality, shown beside the final result
-        metrics.update({k: v for k, v in read_json(PSEUDO_METRICS).items() if k.startswith("pseudo_")})
-    write_json(METRICS, metrics)
-    with atomic_output(PER_CLASS) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["class", "iou"])
-        w.writerows([n, "" if v is None else round(v, 4)] for n, v in zip(names, s["per_class_iou"]))
-    matched = s["matched_confusion"]  # rows: predicted (matched) class, columns: ground truth
-    with atomic_output(CONFUSION) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["predicted \\ actual", *names])
-        w.writerows([names[i], *matched[i].tolist()] for i in range(len(names)))
-    with atomic_output(CONFUSION_PLOT) as tmp, open(tmp, "w", newline="") as f:
+    batches = loader(data, int(cfg["batch_size"]), int(cfg["num_workers"]))
+    with timed("evaluate"), atomic_output(out / "predictions") as predictions_dir:
+        predictions_dir.mkdir()
+        conf = evaluate_loader(backbone, decoder, batches, task.n_outputs, len(names), dev, "evaluate",
+                               lambda b, p: keep(b, p, predictions_dir), with_labels=labelled)
+    colors = palette(max(len(names), task.n_outputs))
+    if labelled:
+        s = segmentation_scores(conf)
+        mapping = s["mapping"]
+        metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "n_images": len(data),
+                   "n_classes": len(names)}
+        if args.decoder is None and PSEUDO_METRICS.is_file():  # the pseudo masks' own quality, beside the result
+            metrics.update({k: v for k, v in read_json(PSEUDO_METRICS).items() if k.startswith("pseudo_")})
+        matched = s["matched_confusion"]  # rows: predicted (matched) class, columns: ground truth
+        write_csv(out / "per_class_iou.csv", ["class", "iou"],
+                  [[n, "" if v is None else round(v, 4)] for n, v in zip(names, s["per_class_iou"])])
+        write_csv(out / "confusion.csv", ["predicted \\ actual", *names],
+                  [[names[i], *matched[i].tolist()] for i in range(len(names))])
         # dvc's confusion template counts rows: one row per percent of each ground-truth class's pixels
-        w = csv.writer(f)
-        w.writerow(["actual", "predicted"])
         share = matched / np.maximum(matched.sum(0, keepdims=True), 1)
-        for gt in range(len(names)):
-            for pr in range(len(names)):
-                w.writerows([[names[gt], names[pr]]] * int(round(100 * share[pr, gt])))
-    colors = palette(len(names))
-    with atomic_output(PICTURES) as tmp:
+        write_csv(out / "confusion_plot.csv", ["actual", "predicted"],
+                  [[names[gt], names[pr]] for gt in range(len(names)) for pr in range(len(names))
+                   for _ in range(int(round(100 * share[pr, gt])))])
+        log.info("miou %.2f, pixel accuracy %.2f", s["miou"], s["pixel_accuracy"])
+    else:
+        mapping = np.arange(task.n_outputs)
+        names = [f"cluster {i}" for i in range(task.n_outputs)]
+        metrics = {"n_images": len(data), "labelled": False}
+        for name in ("per_class_iou.csv", "confusion.csv", "confusion_plot.csv"):  # declared outputs, kept valid
+            write_csv(out / name, ["class", "iou"] if name.startswith("per") else ["actual", "predicted"], [])
+        log.info("no labels: wrote the predictions only")
+    write_json(out / "metrics.json", metrics)
+    with atomic_output(out / "pictures") as tmp:
         tmp.mkdir()
-        for i, (img, pred, lab) in enumerate(kept):
-            cls = np.where(s["mapping"][pred] >= 0, s["mapping"][pred], -1)
-            comparison_picture(img, cls, lab, names, colors).save(tmp / f"{i:03d}_{index['splits']['val'][i]['id']}.png")
-    log.info("miou %.2f, pixel accuracy %.2f -> %s, %s, %s, %d pictures in %s", s["miou"], s["pixel_accuracy"],
-             METRICS, PER_CLASS, CONFUSION, len(kept), PICTURES)
+        for i, img, pred, lab in kept:
+            cls = np.where(mapping[pred] >= 0, mapping[pred], -1)
+            comparison_picture(img, cls, lab, names, colors).save(tmp / f"{i:03d}_{entries[i]['id']}.png")
+    log.info("wrote %s, %d predictions (cluster ids, R x R PNG) in %s, %d pictures in %s", out / "metrics.json",
+             len(data), out / "predictions", len(kept), out / "pictures")
 
 
 if __name__ == "__main__":

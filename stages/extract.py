@@ -6,14 +6,14 @@ from tqdm import tqdm
 from common import FEATURE_BANK, INDEX, backbone_of, device, loader, log, setup, size_mb, timed
 
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows
-from transfgu.data import SplitDataset, is_things_only
+from transfgu.data import SplitDataset, things_only as dataset_things_only
 from transfgu.io import FeatureBankWriter, atomic_output, read_json, write_image_ids
 
 
 def main():
     params = setup("extract")
     cfg, R = params["extract"], int(params["dataset"]["R"])
-    things_only = is_things_only(params["dataset"]["name"])
+    things_only = dataset_things_only(params["dataset"])
     sizes = cfg["window_sizes"]
     if sizes == "auto":
         sizes = THINGS_ONLY_WINDOW_SIZES if things_only else THING_STUFF_WINDOW_SIZES

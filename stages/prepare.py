@@ -9,8 +9,12 @@ def main():
     params = setup("prepare")
     d = params["dataset"]
     with timed("prepare"):
-        index = prepare_index(d["name"], d["root"], int(params["seed"]), d.get("synthetic", {}))
+        index = prepare_index(d, int(params["seed"]), check_images=bool(d.get("skip_bad", False)),
+                              num_workers=int(d.get("num_workers", 0)))
         write_json(INDEX, index)
+    for split, bad in index["skipped"].items():
+        if bad:
+            log.warning("skipped %d unreadable %s images (dataset.skip_bad), e.g. %s", len(bad), split, bad[0])
     log.info("indexed %s at %s: %s -> %s", d["name"], d["root"],
              {k: len(v) for k, v in index["splits"].items()}, INDEX)
 

@@ -30,13 +30,14 @@ def main():
                          f"{task.n_concepts}: re-run pseudo")
     train_data = SplitDataset(index, "train", R, maps_path=PSEUDO_MASKS)
     val_loader = None
-    if cfg["select_by"] == "val":
-        if not all(e.get("label") for e in index["splits"]["val"]):
-            raise SystemExit("train.select_by: 'val' needs labels on the val split; use 'last'")
+    if cfg["select_by"] not in ("val", "last"):
+        raise SystemExit(f"train.select_by: expected 'val' or 'last', got {cfg['select_by']!r}")
+    labelled = task.label_lut is not None and all(e.get("label") for e in index["splits"]["val"])
+    if cfg["select_by"] == "val" and not labelled:
+        log.warning("train.select_by is 'val' but the val split has no labels: keeping the last epoch")
+    elif cfg["select_by"] == "val":
         val_loader = loader(SplitDataset(index, "val", R, lut=task.label_lut), int(cfg["batch_size"]),
                             int(cfg["num_workers"]))
-    elif cfg["select_by"] != "last":
-        raise SystemExit(f"train.select_by: expected 'val' or 'last', got {cfg['select_by']!r}")
     decoder = build_decoder(task.n_outputs, backbone.embed_dim, seed, float(cfg["dropout"]))
     tc = TrainConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                      weight_decay=float(cfg["weight_decay"]), loss_weights=tuple(cfg["loss_weights"]),

@@ -127,3 +127,36 @@ def test_invalid_granularity_fails_before_any_work(project):
     proc = subprocess.run([sys.executable, "stages/prepare.py"], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
     assert "granularity: 5 is not valid" in proc.stderr and "synthetic: granularity [6, 12]" in proc.stderr
+
+
+def test_evaluate_only_with_a_given_decoder(project):
+    """`stages/evaluate.py --decoder` scores a decoder file without training, into outputs/published/<name>/;
+    on the trained decoder it reproduces the stage's own metrics. A decoder of other shapes is refused."""
+    root, _ = project
+    dvc("repro", cwd=root)  # back in sync with the workspace params
+    shutil.copy(root / "outputs" / "decoder.pt", root / "copy_decoder.pt")
+    run([sys.executable, "stages/evaluate.py", "--decoder", "copy_decoder.pt"], root)
+    published = json.loads((root / "outputs" / "published" / "copy_decoder" / "metrics.json").read_text())
+    own = read_metrics(root)
+    assert published["miou"] == own["miou"] and published["pixel_accuracy"] == own["pixel_accuracy"]
+    assert (root / "outputs" / "published" / "copy_decoder" / "per_class_iou.csv").is_file()
+    import torch
+    from transfgu.models.decoder import build_decoder
+    torch.save(build_decoder(9, 192).state_dict(), root / "wrong_decoder.pt")
+    proc = subprocess.run([sys.executable, "stages/evaluate.py", "--decoder", "wrong_decoder.pt"], cwd=root,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "wrong_decoder.pt" in proc.stderr and "cls_emb" in proc.stderr
+
+
+def test_real_dataset_layout_through_dvc_exp_run(project, tmp_path):
+    """`dvc exp run -S dataset.name=voc -S dataset.root=... -S granularity=21` on a fixture tree in the exact
+    Pascal VOC layout runs all six stages (every other pair runs in-process in test_datasets_dag.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from dataset_trees import make_voc
+    root, _ = project
+    voc = make_voc(tmp_path / "PascalVOC")
+    out = dvc("exp", "run", "-S", "dataset.name=voc", "-S", f"dataset.root={voc}", "-S", "granularity=21",
+              "-S", "train.batch_size=2", cwd=root)
+    assert ran_stages(out) == {"prepare", "extract", "cluster", "pseudo", "train", "evaluate"}
+    metrics = read_metrics(root)
+    assert metrics["n_classes"] == 21 and 0 <= metrics["miou"] <= 100

@@ -70,14 +70,16 @@ def predict(backbone, decoder, images_01: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_loader(backbone, decoder, loader, n_outputs: int, n_classes: int, device, progress: str = "eval",
-                    on_batch=None) -> np.ndarray:
-    """Cluster x class confusion matrix over a loader of {"image", "label"} batches."""
+                    on_batch=None, with_labels: bool = True) -> np.ndarray:
+    """Cluster x class confusion matrix over a loader of {"image", "label"} batches (all zero when
+    with_labels is False); on_batch(batch, prediction) sees every batch."""
     decoder.eval()
     conf = np.zeros((n_outputs, n_classes), dtype=np.int64)
     for batch in tqdm(loader, desc=progress, leave=False):
         images = batch["image"].to(device).float() / 255
         pred = predict(backbone, decoder, images)
-        conf += confusion_matrix(pred, batch["label"].to(device), n_outputs, n_classes)
+        if with_labels:
+            conf += confusion_matrix(pred, batch["label"].to(device), n_outputs, n_classes)
         if on_batch is not None:
             on_batch(batch, pred)
     return conf
@@ -147,7 +149,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             torch.nn.utils.clip_grad_value_(decoder.parameters(), cfg.grad_clip)
             optimizer.step()
             for k, v in zip(sums, (loss, l_cat, l_unc, l_emb)):
-                sums[k] += float(v)
+                sums[k] += v.item()
             n_batches += 1
         row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
                "bootstrapping": plan.bootstrapping, "handover": plan.handover}

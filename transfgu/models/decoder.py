@@ -92,3 +92,21 @@ def build_decoder(n_cls: int, d_encoder: int, seed: int = 0, dropout: float = 0.
         torch.manual_seed(seed)
         return MaskTransformer(n_cls, d_encoder=d_encoder, d_model=d_encoder, n_heads=max(d_encoder // 64, 1),
                                dropout=dropout)
+
+
+def load_decoder(decoder: MaskTransformer, path) -> MaskTransformer:
+    """Load a decoder state dict (ours, or a published `*_decoder.pt`) with strict key and shape matching."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    expected = decoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
+    if missing or unexpected or wrong:
+        raise ValueError(
+            f"{path}: not a decoder for {decoder.n_cls} output channels of width {decoder.proj_dec.in_features}: "
+            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, wrong shapes "
+            f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]} (got, expected)")
+    decoder.load_state_dict(state, strict=True)
+    return decoder

@@ -1,0 +1,168 @@
+"""The `transfgu` console command.
+
+    transfgu predict IMAGES... [--decoder outputs/decoder.pt] [--params params.yaml] [--out predictions]
+
+IMAGES are image files, folders (every image inside, recursively) or glob patterns. For each image it
+writes <stem>_label.png (raw cluster ids at the image's own size), <stem>_color.png and <stem>_overlay.png.
+The backbone and working resolution come from params.yaml (the ones the decoder was trained with)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from tqdm import tqdm
+
+from .data import load_rgb, resolve_task, to_rgb
+from .data.adapters import IMAGE_EXTENSIONS
+from .models.decoder import build_decoder, load_decoder
+from .models.vit import build_backbone
+from .viz import colorize, palette
+
+log = logging.getLogger("transfgu.predict")
+
+
+def collect_images(inputs) -> list[Path]:
+    """Image files named by paths, folders (recursive) and glob patterns, in order, without repeats."""
+    found = []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {item!r}")
+            found += [p for p in matches if p.is_file()]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif Path(item).is_file():
+            found.append(Path(item))
+        else:
+            raise FileNotFoundError(f"{item}: no such image, folder or pattern")
+    seen, out = set(), []
+    for p in found:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            out.append(p)
+    if not out:
+        raise FileNotFoundError(f"no images found in {list(inputs)}")
+    return out
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with Image.open(self.paths[i]) as im:
+            w, h = im.size
+        return {"index": i, "image": load_rgb(self.paths[i], self.size), "height": h, "width": w}
+
+
+def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: int = 16, num_workers: int = 0,
+                  device="cpu", alpha: float = 0.5, names=None):
+    """Segment image files; write label, colour and overlay PNGs into `out`. Returns the label paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    colors = palette(decoder.n_cls)
+    loader = torch.utils.data.DataLoader(_Images(paths, size), batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    p = backbone.patch_size
+    written, stems = [], {}
+    for batch in tqdm(loader, desc="predict", unit="batch"):
+        images = batch["image"].to(device).float() / 255
+        with torch.no_grad():
+            patches = backbone(backbone.normalize(images))[:, 1:]
+            logits, _ = decoder(patches, (size // p, size // p))
+        for j, i in enumerate(batch["index"].tolist()):
+            H, W = int(batch["height"][j]), int(batch["width"][j])
+            label = F.interpolate(logits[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)
+            label = label.cpu().numpy().astype(np.uint8 if decoder.n_cls <= 256 else np.uint16)
+            path = paths[i]
+            stem = path.stem if path.stem not in stems else f"{path.stem}_{stems[path.stem]}"
+            stems[path.stem] = stems.get(path.stem, 0) + 1
+            color = colorize(label.astype(np.int64), colors)
+            with Image.open(path) as im:
+                rgb = np.asarray(to_rgb(im), dtype=np.float32)
+            overlay = (1 - alpha) * rgb + alpha * color
+            Image.fromarray(label).save(out / f"{stem}_label.png")
+            Image.fromarray(color).save(out / f"{stem}_color.png")
+            Image.fromarray(overlay.round().astype(np.uint8)).save(out / f"{stem}_overlay.png")
+            written.append(out / f"{stem}_label.png")
+    if names:
+        (out / "classes.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)))
+    return written
+
+
+def cmd_predict(args):
+    params = yaml.safe_load(Path(args.params).read_text()) if Path(args.params).is_file() else None
+    if params is None and not args.arch:
+        raise SystemExit(f"{args.params} not found: pass --params or --arch/--patch-size/--checkpoint/--size")
+    b = (params or {}).get("backbone", {})
+    arch, patch = args.arch or b["arch"], args.patch_size or int(b["patch_size"])
+    checkpoint = args.checkpoint if args.checkpoint is not None else b.get("checkpoint")
+    size = args.size or int(params["dataset"]["R"])
+    seed = int((params or {}).get("seed", 0))
+    decoder_path = Path(args.decoder)
+    if not decoder_path.is_file():
+        raise SystemExit(f"{decoder_path} not found: train one with `dvc repro` or pass --decoder")
+    state = torch.load(decoder_path, map_location="cpu", weights_only=True)
+    n_out = state["cls_emb"].shape[1]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone = build_backbone(arch, patch, checkpoint, seed=seed).to(device)
+    if not checkpoint:
+        log.warning("backbone %s/%d has RANDOM weights (no checkpoint)", arch, patch)
+    decoder = load_decoder(build_decoder(n_out, backbone.embed_dim), decoder_path).to(device).eval()
+    names = None
+    if params is not None:
+        try:
+            task = resolve_task(params["dataset"], int(params["granularity"]))
+            names = list(task.class_names) if task.n_outputs == n_out else None
+        except (ValueError, FileNotFoundError, KeyError):
+            names = None
+    paths = collect_images(args.images)
+    log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s", len(paths), decoder_path,
+             n_out, arch, patch, size, device)
+    t0 = time.time()
+    written = predict_files(paths, Path(args.out), backbone, decoder, size, args.batch_size, args.num_workers,
+                            device, names=names)
+    log.info("wrote %d label / colour / overlay PNG triples to %s in %.1f s", len(written), args.out,
+             time.time() - t0)
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(name)s] %(message)s", datefmt="%H:%M:%S")
+    ap = argparse.ArgumentParser(prog="transfgu", description="TransFGU unsupervised semantic segmentation")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="segment images with a trained decoder",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--decoder", default="outputs/decoder.pt", help="decoder state dict (default: %(default)s)")
+    p.add_argument("--params", default="params.yaml", help="params file with backbone and dataset.R")
+    p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
+    p.add_argument("--arch", help="backbone arch (overrides params)")
+    p.add_argument("--patch-size", type=int, help="backbone patch size (overrides params)")
+    p.add_argument("--checkpoint", help="backbone checkpoint (overrides params)")
+    p.add_argument("--size", type=int, help="working resolution R (overrides params)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    args = ap.parse_args(argv)
+    try:
+        if args.command == "predict":
+            cmd_predict(args)
+    except (FileNotFoundError, OSError, ValueError) as e:
+        log.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
