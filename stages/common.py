@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from transfgu import dist  # noqa: E402
 from transfgu.data import published_pseudo_batch, resolve_task, things_only  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
 
@@ -33,8 +35,13 @@ log = logging.getLogger("transfgu")
 
 
 def setup(stage: str) -> dict:
-    """Read params.yaml, configure logging and seeds, validate the dataset/granularity pair."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [{stage}] %(message)s", datefmt="%H:%M:%S")
+    """Join the torchrun process group if there is one, read params.yaml, configure logging and seeds,
+    validate the dataset/granularity pair. Ranks other than 0 log warnings only and show no progress bars."""
+    global DEVICE
+    DEVICE = dist.init_from_env()
+    tag = f"{stage} rank {dist.rank()}/{dist.world_size()}" if dist.world_size() > 1 else stage
+    logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
+                        format=f"%(asctime)s [{tag}] %(message)s", datefmt="%H:%M:%S")
     params_path = Path(os.environ.get("TRANSFGU_PARAMS", "params.yaml"))
     if not params_path.is_file():
         raise SystemExit(f"{params_path} not found: run the stages from the project root")
@@ -56,14 +63,18 @@ def task_of(params):
     return resolve_task(params["dataset"], int(params["granularity"]))
 
 
+DEVICE = None
+
+
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device (cuda:LOCAL_RANK under torchrun on GPUs)."""
+    return DEVICE or torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def backbone_of(params, dev) -> torch.nn.Module:
     b = params["backbone"]
     model = build_backbone(b["arch"], int(b["patch_size"]), b.get("checkpoint"), seed=int(params["seed"]))
-    if not b.get("checkpoint"):
+    if not b.get("checkpoint") and dist.is_main():
         log.warning("backbone %s/%d has RANDOM weights (backbone.checkpoint is empty): results are not "
                     "meaningful segmentations", b["arch"], b["patch_size"])
     else:
@@ -78,11 +89,25 @@ def grad_scale_of(params) -> float:
     return float(value)
 
 
-def loader(dataset, batch_size: int, num_workers: int, shuffle: bool = False, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen,
-                                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=False)
+def my_loader(dataset, batch_size: int, num_workers: int):
+    """This rank's share of the batches of a split, in order, as (global batch ids, DataLoader)."""
+    batches = dist.my_batches(len(dataset), batch_size)
+    n_batches = -(-len(dataset) // batch_size)
+    ids = list(range(dist.rank(), n_batches, dist.world_size()))
+    return ids, torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                            pin_memory=torch.cuda.is_available())
+
+
+def shard_dir(final: Path) -> Path:
+    """A folder shared by all ranks for their shards of `final` (stale ones from crashed runs removed)."""
+    run_id = dist.broadcast_object(os.getpid())
+    path = final.parent / f".{final.name}.shards-{run_id}"
+    if dist.is_main():
+        for old in final.parent.glob(f".{final.name}.shards-*"):
+            shutil.rmtree(old)
+        path.mkdir(parents=True)
+    dist.barrier()
+    return path
 
 
 @contextmanager

@@ -13,8 +13,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, loader, log, setup, task_of, timed
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from common import (DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, log, my_loader, setup, shard_dir,
+                    task_of, timed)
+
+from transfgu import dist
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, read_json, write_json
 from transfgu.metrics import segmentation_scores
@@ -30,11 +34,16 @@ def write_csv(path: Path, header, rows):
         w.writerows(rows)
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--decoder", type=Path, help="evaluate this decoder state dict (e.g. a published one)")
     ap.add_argument("--out", type=Path, help="output folder (default outputs/, or outputs/published/<name>/)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+@record
+def main(args=None):
+    args = args or argparse.Namespace(decoder=None, out=None)
     params = setup("evaluate")
     task, cfg, R = task_of(params), params["evaluate"], int(params["dataset"]["R"])
     decoder_path = args.decoder or DECODER
@@ -56,21 +65,29 @@ def main(argv=None):
     names = list(task.class_names)
     log.info("%d val images at %d px, decoder %s, %s", len(data), R, decoder_path,
              f"{len(names)} classes" if labelled else "no labels: predictions only")
-    kept = []  # the first n_pictures images with their prediction and label
+    kept = []  # the images among the first n_pictures, with their prediction and label
 
     def keep(batch, pred, predictions_dir):
         pred = pred.cpu().numpy()
         for j, i in enumerate(batch["index"].tolist()):
-            if len(kept) < int(cfg["n_pictures"]):
+            if i < int(cfg["n_pictures"]):
                 label = batch["label"][j].numpy() if labelled else None
                 kept.append((i, batch["image"][j].permute(1, 2, 0).numpy(), pred[j], label))
             Image.fromarray(pred[j].astype(np.uint8)).save(predictions_dir / f"{entries[i]['id']}.png")
 
-    batches = loader(data, int(cfg["batch_size"]), int(cfg["num_workers"]))
-    with timed("evaluate"), atomic_output(out / "predictions") as predictions_dir:
-        predictions_dir.mkdir()
+    _, batches = my_loader(data, int(cfg["batch_size"]), int(cfg["num_workers"]))
+    predictions_dir = shard_dir(out / "predictions")  # every rank writes its images' predictions there
+    with timed("evaluate"):
         conf = evaluate_loader(backbone, decoder, batches, task.n_outputs, len(names), dev, "evaluate",
                                lambda b, p: keep(b, p, predictions_dir), with_labels=labelled)
+    conf = dist.all_sum(conf)
+    kept = sorted(k for part in dist.all_gather_objects(kept) for k in part)
+    dist.barrier()
+    if not dist.is_main():
+        dist.shutdown()
+        return
+    with atomic_output(out / "predictions") as tmp:
+        predictions_dir.rename(tmp)
     colors = palette(max(len(names), task.n_outputs))
     if labelled:
         s = segmentation_scores(conf)
@@ -105,7 +122,8 @@ def main(argv=None):
             comparison_picture(img, cls, lab, names, colors).save(tmp / f"{i:03d}_{entries[i]['id']}.png")
     log.info("wrote %s, %d predictions (cluster ids, R x R PNG) in %s, %d pictures in %s", out / "metrics.json",
              len(data), out / "predictions", len(kept), out / "pictures")
+    dist.shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_args())

@@ -1,21 +1,29 @@
 """pseudo: gradient-weighted attention pseudo masks of the train split (METHOD.md section 3), and their
-own quality against the ground truth where the split has labels."""
+own quality against the ground truth where the split has labels.
+
+Under torchrun each rank takes every world-th batch and writes a shard; rank 0 assembles them in batch
+order (the same file whatever the number of processes); the confusion matrix is summed over ranks."""
+import shutil
+
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, backbone_of, device, grad_scale_of, loader,
-                    log, setup, size_mb, task_of, timed)
+from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, backbone_of, device, grad_scale_of, log,
+                    my_loader, setup, shard_dir, size_mb, task_of, timed)
 
+from transfgu import dist
 from transfgu.data import SplitDataset
-from transfgu.io import atomic_output, read_json, write_image_ids, write_json
+from transfgu.dist import progress
+from transfgu.io import atomic_output, merge_batches, read_json, write_batch, write_image_ids, write_json
 from transfgu.losses import soft_targets
 from transfgu.metrics import confusion_matrix, segmentation_scores
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
 
 
+@record
 def main():
     params = setup("pseudo")
     task, cfg, R = task_of(params), params["pseudo"], int(params["dataset"]["R"])
@@ -29,42 +37,50 @@ def main():
                          f"granularity {task.granularity} needs {task.n_things}+{task.n_stuff}: re-run cluster")
     centroids = torch.from_numpy(stored["centroids"]).to(dev)
     index = read_json(INDEX)
-    data = SplitDataset(index, "train", R, lut=task.label_lut)
+    labelled = task.label_lut is not None and all(e.get("label") for e in index["splits"]["train"])
+    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None)
     h = R // backbone.patch_size
     scale = grad_scale_of(params)
-    log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g", len(data), R,
-             len(centroids), h, h, scale)
-    conf = np.zeros((task.n_outputs, len(task.class_names)), dtype=np.int64)
-    has_labels, agree, total = False, 0, 0
-    with timed("pseudo"), atomic_output(PSEUDO_MASKS) as tmp, h5py.File(tmp, "w") as h5:
-        attention = h5.create_dataset("attention", shape=(len(data), h, h), dtype="float32", chunks=(1, h, h))
-        gradient = h5.create_dataset("gradient", shape=(len(data), len(centroids), h, h), dtype="float16",
-                                     chunks=(1, len(centroids), h, h))
-        for batch in tqdm(loader(data, int(cfg["batch_size"]), int(cfg["num_workers"])), desc="pseudo"):
-            images = backbone.normalize(batch["image"].to(dev).float() / 255)
-            a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]))
-            rows = slice(int(batch["index"][0]), int(batch["index"][-1]) + 1)
-            attention[rows] = a.cpu().numpy()
-            gradient[rows] = q.half().cpu().numpy()
-            maps = assemble_pseudo_masks(a, q)
-            labels = soft_targets(maps, task.things_only).argmax(1)
-            stored = assemble_pseudo_masks(a, q.half())
-            agree += int((soft_targets(stored, task.things_only).argmax(1) == labels).sum())
-            total += labels.numel()
-            if "label" in batch:
-                has_labels = True
-                up = F.interpolate(soft_targets(maps, task.things_only), size=(R, R), mode="bilinear",
-                                   align_corners=False).argmax(1)
-                conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, len(task.class_names))
-        write_image_ids(h5, [e["id"] for e in index["splits"]["train"]])
-        h5.attrs.update(R=R, n_things=task.n_things, n_stuff=task.n_stuff, grad_scale=scale)
-    metrics = {"stored_label_agreement": 100 * agree / max(total, 1)}
-    if has_labels:
-        s = segmentation_scores(conf)
-        metrics.update(pseudo_miou=s["miou"], pseudo_pixel_accuracy=s["pixel_accuracy"])
-    write_json(PSEUDO_METRICS, metrics)
-    log.info("wrote %s (%.1f MB, %.3f MB per image) and %s: %s", PSEUDO_MASKS, size_mb(PSEUDO_MASKS),
-             size_mb(PSEUDO_MASKS) / max(len(data), 1), PSEUDO_METRICS, metrics)
+    log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, %d process(es)", len(data),
+             R, len(centroids), h, h, scale, dist.world_size())
+    n_classes = len(task.class_names)
+    conf = np.zeros((task.n_outputs, n_classes), dtype=np.int64)
+    agree = np.zeros(2, dtype=np.int64)  # labels equal after float16 storage, labels
+    batch_size = int(cfg["batch_size"])
+    shards = shard_dir(PSEUDO_MASKS)
+    with timed("pseudo"):
+        batch_ids, batches = my_loader(data, batch_size, int(cfg["num_workers"]))
+        with h5py.File(shards / f"rank{dist.rank()}.h5", "w") as shard:
+            for b, batch in zip(batch_ids, progress(batches, desc="pseudo")):
+                images = backbone.normalize(batch["image"].to(dev).float() / 255)
+                a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]))
+                write_batch(shard, b, {"attention": a.cpu().numpy().astype(np.float32),
+                                       "gradient": q.cpu().numpy().astype(np.float16)})
+                targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
+                labels = targets.argmax(1)
+                stored16 = soft_targets(assemble_pseudo_masks(a, q.half()), task.things_only).argmax(1)
+                agree += [int((stored16 == labels).sum()), labels.numel()]
+                if labelled:
+                    up = F.interpolate(targets, size=(R, R), mode="bilinear", align_corners=False).argmax(1)
+                    conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
+        conf, agree = dist.all_sum(conf), dist.all_sum(agree)
+        if dist.is_main():
+            n_batches = -(-len(data) // batch_size)
+            with atomic_output(PSEUDO_MASKS) as tmp, h5py.File(tmp, "w") as h5:
+                merge_batches([shards / f"rank{r}.h5" for r in range(dist.world_size())], n_batches, h5,
+                              {"attention": 1, "gradient": 1})
+                write_image_ids(h5, [e["id"] for e in index["splits"]["train"]])
+                h5.attrs.update(R=R, n_things=task.n_things, n_stuff=task.n_stuff, grad_scale=scale)
+            shutil.rmtree(shards)
+            metrics = {"stored_label_agreement": 100 * int(agree[0]) / max(int(agree[1]), 1)}
+            if labelled:
+                s = segmentation_scores(conf)
+                metrics.update(pseudo_miou=s["miou"], pseudo_pixel_accuracy=s["pixel_accuracy"])
+            write_json(PSEUDO_METRICS, metrics)
+            log.info("wrote %s (%.1f MB, %.3f MB per image) and %s: %s", PSEUDO_MASKS, size_mb(PSEUDO_MASKS),
+                     size_mb(PSEUDO_MASKS) / max(len(data), 1), PSEUDO_METRICS, metrics)
+    dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":

@@ -5,10 +5,13 @@ import csv
 import h5py
 import torch
 
-from common import (DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, backbone_of, device, loader, log, setup, task_of,
-                    timed)
+from torch.distributed.elastic.multiprocessing.errors import record
 
+from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, backbone_of, device, log, my_loader, setup, task_of, timed
+
+from transfgu import dist
 from transfgu.data import SplitDataset
+from transfgu.dist import GlobalBatchSampler
 from transfgu.io import atomic_output, read_json
 from transfgu.models.decoder import build_decoder
 from transfgu.train import TrainConfig, train_decoder
@@ -17,6 +20,7 @@ LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "
               "bootstrapping", "handover", "seconds")
 
 
+@record
 def main():
     params = setup("train")
     task, cfg, R, seed = task_of(params), params["train"], int(params["dataset"]["R"]), int(params["seed"])
@@ -36,28 +40,37 @@ def main():
     if cfg["select_by"] == "val" and not labelled:
         log.warning("train.select_by is 'val' but the val split has no labels: keeping the last epoch")
     elif cfg["select_by"] == "val":
-        val_loader = loader(SplitDataset(index, "val", R, lut=task.label_lut), int(cfg["batch_size"]),
-                            int(cfg["num_workers"]))
+        _, val_loader = my_loader(SplitDataset(index, "val", R, lut=task.label_lut),
+                                  int(cfg["batch_size"]), int(cfg["num_workers"]))
     decoder = build_decoder(task.n_outputs, backbone.embed_dim, seed, float(cfg["dropout"]))
     tc = TrainConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                      weight_decay=float(cfg["weight_decay"]), loss_weights=tuple(cfg["loss_weights"]),
                      bootstrap_start=int(cfg["bootstrap_start"]),
                      bootstrap_intervals=tuple(cfg["bootstrap_intervals"]),
                      bootstrap_block=int(cfg["bootstrap_block"]), seed=seed)
-    log.info("%d train images at %d px (crops to %d), %d output channels, %d epochs, batch %d, %s", len(train_data),
-             R, R // 2, task.n_outputs, tc.epochs, tc.batch_size, "model kept by val mIoU + accuracy"
-             if val_loader is not None else "last epoch kept")
-    train_loader = loader(train_data, tc.batch_size, int(cfg["num_workers"]), shuffle=True, seed=seed)
+    log.info("%d train images at %d px (crops to %d), %d output channels, %d epochs, batch %d (%d per process x "
+             "%d), %s", len(train_data), R, R // 2, task.n_outputs, tc.epochs, tc.batch_size,
+             tc.batch_size // dist.world_size(), dist.world_size(),
+             "model kept by val mIoU + accuracy" if val_loader is not None else "last epoch kept")
+    try:
+        sampler = GlobalBatchSampler(len(train_data), tc.batch_size, seed)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=int(cfg["num_workers"]),
+                                               pin_memory=torch.cuda.is_available())
     with timed("train"):
         best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
                                       len(task.class_names), dev)
-    with atomic_output(DECODER) as tmp:
-        torch.save(best, tmp)
-    with atomic_output(TRAIN_LOG) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(history)
-    log.info("wrote %s and %s", DECODER, TRAIN_LOG)
+    if dist.is_main():
+        with atomic_output(DECODER) as tmp:
+            torch.save(best, tmp)
+        with atomic_output(TRAIN_LOG) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(history)
+        log.info("wrote %s and %s", DECODER, TRAIN_LOG)
+    dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == "__main__":

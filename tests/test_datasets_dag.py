@@ -28,7 +28,7 @@ TINY = {
     "extract": {"window_sizes": "auto", "batch_size": 4, "crop_batch": 64},
     "cluster": {"niter": 20},
     "pseudo": {"batch_size": 4},
-    "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
+    "train": {"epochs": 2, "batch_size": 2, "bootstrap_start": 1, "bootstrap_intervals": [1]},
     "evaluate": {"batch_size": 4, "n_pictures": 1},
 }
 

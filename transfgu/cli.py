@@ -25,6 +25,7 @@ from .data import load_rgb, resolve_task, to_rgb
 from .data.adapters import IMAGE_EXTENSIONS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
+from .train import decode
 from .viz import colorize, palette
 
 log = logging.getLogger("transfgu.predict")
@@ -75,13 +76,10 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
     colors = palette(decoder.n_cls)
     loader = torch.utils.data.DataLoader(_Images(paths, size), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
-    p = backbone.patch_size
     written, stems = [], {}
     for batch in tqdm(loader, desc="predict", unit="batch"):
-        images = batch["image"].to(device).float() / 255
         with torch.no_grad():
-            patches = backbone(backbone.normalize(images))[:, 1:]
-            logits, _ = decoder(patches, (size // p, size // p))
+            logits, _ = decode(backbone, decoder, batch["image"].to(device).float() / 255)
         for j, i in enumerate(batch["index"].tolist()):
             H, W = int(batch["height"][j]), int(batch["width"][j])
             label = F.interpolate(logits[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)

@@ -47,31 +47,47 @@ def read_json(path: str | Path):
     return json.loads(path.read_text())
 
 
-class FeatureBankWriter:
-    """Appends per-image crop [CLS] features to an HDF5 file: for each group (`thing`, `stuff`) a
-    `features` (N, D) float16 array and `offsets` (n_images + 1): image i owns rows offsets[i]:offsets[i+1]."""
+def write_batch(shard: h5py.File, batch: int, arrays: dict) -> None:
+    """Store one batch's results (name -> array, first axis = rows) in a rank's shard file."""
+    group = shard.create_group(f"batch{batch}")
+    for name, a in arrays.items():
+        group.create_dataset(name, data=np.asarray(a))
 
-    def __init__(self, h5: h5py.File, groups, dim: int):
-        self.h5, self.dim = h5, dim
-        self.offsets = {g: [0] for g in groups}
-        for g in groups:
-            h5.create_dataset(f"{g}/features", shape=(0, dim), maxshape=(None, dim), dtype="float16",
-                              chunks=(1024, dim))
 
-    def append(self, group: str, feats: np.ndarray):
-        ds = self.h5[f"{group}/features"]
-        n = ds.shape[0]
-        ds.resize(n + len(feats), axis=0)
-        ds[n:] = feats.astype(np.float16)
-        self.offsets[group].append(n + len(feats))
+def merge_batches(shard_paths, n_batches: int, out: h5py.File, chunk_rows: dict, in_memory=()) -> dict:
+    """Concatenate every batch's arrays in batch order, batch b read from shard b % len(shard_paths).
 
-    def close(self):
-        for g, off in self.offsets.items():
-            self.h5.create_dataset(f"{g}/offsets", data=np.asarray(off, dtype=np.int64))
+    Arrays named in chunk_rows become datasets of `out` (chunked by that many rows, written in one pass
+    with no timestamps, so the file is the same bytes whatever the number of shards); those named in
+    in_memory are returned as numpy arrays."""
+    shards = [h5py.File(p, "r") for p in shard_paths]
+    try:
+        batch = lambda b: shards[b % len(shards)][f"batch{b}"]  # noqa: E731
+        names = list(chunk_rows) + list(in_memory)
+        rows = {n: sum(batch(b)[n].shape[0] for b in range(n_batches)) for n in names}
+        first = {n: batch(0)[n] for n in names}
+        datasets = {}
+        for n, chunk in chunk_rows.items():
+            shape = (rows[n], *first[n].shape[1:])
+            chunks = (max(1, min(chunk, rows[n])), *first[n].shape[1:]) if rows[n] else None
+            datasets[n] = out.create_dataset(n, shape=shape, dtype=first[n].dtype, chunks=chunks, track_times=False)
+        pos = dict.fromkeys(chunk_rows, 0)
+        memory = {n: [] for n in in_memory}
+        for b in range(n_batches):
+            for n in chunk_rows:
+                a = batch(b)[n][...]
+                datasets[n][pos[n]:pos[n] + len(a)] = a
+                pos[n] += len(a)
+            for n in in_memory:
+                memory[n].append(batch(b)[n][...])
+        return {n: np.concatenate(v) if v else np.zeros((0,)) for n, v in memory.items()}
+    finally:
+        for f in shards:
+            f.close()
 
 
 def write_image_ids(h5: h5py.File, ids) -> None:
-    h5.create_dataset("image_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+    h5.create_dataset("image_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype(), track_times=False)
 
 
 def read_image_ids(h5: h5py.File) -> list[str]:

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from . import dist
+from .dist import progress
 from .augment import augment, draw_params
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
 from .metrics import confusion_matrix, segmentation_scores
@@ -69,13 +70,13 @@ def predict(backbone, decoder, images_01: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_loader(backbone, decoder, loader, n_outputs: int, n_classes: int, device, progress: str = "eval",
+def evaluate_loader(backbone, decoder, loader, n_outputs: int, n_classes: int, device, desc: str = "eval",
                     on_batch=None, with_labels: bool = True) -> np.ndarray:
     """Cluster x class confusion matrix over a loader of {"image", "label"} batches (all zero when
     with_labels is False); on_batch(batch, prediction) sees every batch."""
     decoder.eval()
     conf = np.zeros((n_outputs, n_classes), dtype=np.int64)
-    for batch in tqdm(loader, desc=progress, leave=False):
+    for batch in progress(loader, desc=desc, leave=False):
         images = batch["image"].to(device).float() / 255
         pred = predict(backbone, decoder, images)
         if with_labels:
@@ -111,6 +112,10 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
     decoder.to(device)
     init_state = copy.deepcopy(decoder.state_dict())
     teacher = copy.deepcopy(decoder).eval()
+    student = decoder
+    if dist.world_size() > 1:  # gradients averaged over ranks; every rank holds the same weights
+        student = torch.nn.parallel.DistributedDataParallel(
+            decoder, device_ids=[device] if torch.device(device).type == "cuda" else None)
     optimizer = torch.optim.Adam(param_groups(decoder, cfg.weight_decay), lr=cfg.lr)
     perm_gen = torch.Generator().manual_seed(cfg.seed)
     plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
@@ -122,9 +127,11 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             teacher.load_state_dict(decoder.state_dict())
             decoder.load_state_dict(init_state)
         decoder.train()
+        if hasattr(train_loader.batch_sampler, "set_epoch"):
+            train_loader.batch_sampler.set_epoch(epoch)
         sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
         n_batches = 0
-        for batch in tqdm(train_loader, desc=f"train epoch {epoch}", leave=False):
+        for batch in progress(train_loader, desc=f"train epoch {epoch}", leave=False):
             images = batch["image"].to(device).float() / 255
             maps = batch["maps"].to(device)
             R = images.shape[-1]
@@ -133,7 +140,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             with torch.no_grad():
                 patches = backbone(backbone.normalize(images))[:, 1:]
                 teacher_logits = teacher(patches, maps.shape[-2:])[0] if plan.bootstrapping else None
-            logits, class_feat = decoder(patches, maps.shape[-2:])
+            logits, class_feat = student(patches, maps.shape[-2:])
             target = soft_targets(maps, things_only, teacher_logits, cfg.teacher_weight)
             perm = torch.randperm(target.shape[1], generator=perm_gen).to(device) if plan.bootstrapping else None
             l_cat = loss_cat(logits, target, plan.alpha, perm)
@@ -151,11 +158,12 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             for k, v in zip(sums, (loss, l_cat, l_unc, l_emb)):
                 sums[k] += v.item()
             n_batches += 1
-        row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in sums.items()},
+        means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()
+        row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in zip(sums, means.tolist())},
                "bootstrapping": plan.bootstrapping, "handover": plan.handover}
         score = float(epoch)
         if val_loader is not None:
-            conf = evaluate_loader(backbone, decoder, val_loader, decoder.n_cls, n_classes, device, "val")
+            conf = dist.all_sum(evaluate_loader(backbone, decoder, val_loader, decoder.n_cls, n_classes, device, "val"))
             s = segmentation_scores(conf)
             row.update(val_miou=s["miou"], val_pixel_accuracy=s["pixel_accuracy"])
             score = s["miou"] + s["pixel_accuracy"]

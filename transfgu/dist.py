@@ -1,0 +1,122 @@
+"""Several processes through torchrun (NCCL on GPUs, gloo on CPUs), and the same results as one.
+
+Work is split by whole batches: batch b of the single-process order goes to rank b % world, so every
+batch is computed exactly as it would be by one process, and outputs assembled in batch order are the
+same whatever the world size."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as td
+from tqdm import tqdm
+
+
+def world_size() -> int:
+    return td.get_world_size() if td.is_initialized() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if td.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain
+    `python` run stays a single process. Returns this process's device."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not td.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+    return device
+
+
+def progress(iterable, **kwargs):
+    """A tqdm progress bar, shown by rank 0 only."""
+    return tqdm(iterable, disable=not is_main(), **kwargs)
+
+
+def barrier():
+    if td.is_initialized():
+        td.barrier()
+
+
+def shutdown():
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
+def my_batches(n_items: int, batch_size: int) -> list[list[int]]:
+    """This rank's batches (lists of item indices): batch b = items [b*B, (b+1)*B), given to rank b % world."""
+    batches = [list(range(s, min(s + batch_size, n_items))) for s in range(0, n_items, batch_size)]
+    return batches[rank()::world_size()]
+
+
+def all_sum(array: np.ndarray) -> np.ndarray:
+    """Element-wise sum over ranks (exact for integer arrays)."""
+    if not td.is_initialized():
+        return array
+    t = torch.from_numpy(np.ascontiguousarray(array)).to(torch.float64 if array.dtype.kind == "f" else torch.int64)
+    if td.get_backend() == "nccl":
+        t = t.cuda()
+    td.all_reduce(t)
+    return t.cpu().numpy().astype(array.dtype)
+
+
+def broadcast_object(obj):
+    """rank 0's obj on every rank."""
+    if not td.is_initialized():
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's obj, in rank order."""
+    if not td.is_initialized():
+        return [obj]
+    out = [None] * td.get_world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Training batches of a global size over all ranks: each epoch a permutation seeded by (seed, epoch)
+    is cut into global batches, the last incomplete one dropped, and this rank takes its contiguous
+    slice of each. The global batches do not depend on the world size, and every rank's slice has the
+    same size, so averaging gradients over ranks gives the global batch's mean gradient."""
+
+    def __init__(self, n_items: int, global_batch: int, seed: int):
+        world = world_size()
+        if global_batch % world:
+            raise ValueError(f"train.batch_size {global_batch} is not divisible by the {world} processes")
+        if n_items < global_batch:
+            raise ValueError(f"train.batch_size {global_batch} is larger than the {n_items} training images")
+        self.n, self.global_batch, self.seed = n_items, global_batch, seed
+        self.local = global_batch // world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def global_batches(self) -> list[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        return [order[s:s + self.global_batch].tolist() for s in range(0, self.n - self.global_batch + 1,
+                                                                        self.global_batch)]
+
+    def __iter__(self):
+        r = rank()
+        for batch in self.global_batches():
+            yield batch[r * self.local:(r + 1) * self.local]
+
+    def __len__(self):
+        return self.n // self.global_batch
