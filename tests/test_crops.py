@@ -5,13 +5,7 @@ import torch.nn.functional as F
 from transfgu.crops import crop_features, crop_windows, cut_crops, select_crops, window_fractions, window_starts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_windows(grid, sizes):

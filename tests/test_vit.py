@@ -9,13 +9,7 @@ from timm.layers import resample_abs_pos_embed
 from transfgu.models.vit import build_backbone, interpolate_pos_embed, load_dino_checkpoint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: much faster than two on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bicubic_matrix(n_in: int, n_out: int, scale_factor: float, A: float = -0.75) -> torch.Tensor:

@@ -55,11 +55,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
 
 def decode(backbone, decoder, images_01: torch.Tensor):
     """Logits at the patch grid (B, C, h, w) and class features for RGB images in [0, 1]."""
-    B, _, H, W = images_01.shape
     p = backbone.patch_size
-    with torch.no_grad():
-        patches = backbone(backbone.normalize(images_01))[:, 1:]
-    return decoder(patches, (H // p, W // p))
+    patches, _ = encode(backbone, images_01)
+    return decoder(patches, (images_01.shape[-2] // p, images_01.shape[-1] // p))
 
 
 @torch.no_grad()
@@ -101,6 +99,43 @@ class TrainConfig:
     seed: int = 0
 
 
+def encode(backbone, images_01: torch.Tensor, teacher=None, grid=None):
+    """Frozen patch tokens of a batch, computed once, and the teacher's logits on them (None without one)."""
+    with torch.no_grad():
+        patches = backbone(backbone.normalize(images_01))[:, 1:]
+        return patches, (teacher(patches, grid)[0] if teacher is not None else None)
+
+
+def decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only: bool, alpha: float = 0.0,
+                 permutation=None):
+    """One optimisation step of the decoder on given patch tokens; returns (loss, loss_cat,
+    loss_uncertainty, loss_cls_emb)."""
+    logits, class_feat = student(patches, maps.shape[-2:])
+    target = soft_targets(maps, things_only, teacher_logits, cfg.teacher_weight)
+    l_cat = loss_cat(logits, target, alpha, permutation)
+    if things_only:
+        l_unc = loss_uncertainty(logits[:, 1:], (normalize_maps(maps) > 0.1).any(1))
+    else:
+        l_unc = loss_uncertainty(logits)
+    l_emb = loss_cls_emb(class_feat)
+    w_cat, w_unc, w_emb = cfg.loss_weights
+    loss = w_cat * l_cat + w_unc * l_unc + w_emb * l_emb
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    torch.nn.utils.clip_grad_value_(params, cfg.grad_clip)
+    optimizer.step()
+    return loss.detach(), l_cat.detach(), l_unc.detach(), l_emb.detach()
+
+
+def train_step(backbone, student, teacher, optimizer, images, maps, cfg, things_only: bool, alpha: float = 0.0,
+               permutation=None):
+    """Augmented images (B, 3, r, r) and maps (B, K, h, h) -> one step; the frozen encoder's features are
+    computed once and shared by the student and the teacher (None: no bootstrapping)."""
+    patches, teacher_logits = encode(backbone, images, teacher, maps.shape[-2:])
+    return decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only, alpha, permutation)
+
+
 def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
                   n_classes: int, device, on_epoch=None):
     """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
@@ -119,7 +154,6 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
     optimizer = torch.optim.Adam(param_groups(decoder, cfg.weight_decay), lr=cfg.lr)
     perm_gen = torch.Generator().manual_seed(cfg.seed)
     plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
-    w_cat, w_unc, w_emb = cfg.loss_weights
     history, best, best_score = [], None, -np.inf
     for epoch, plan in enumerate(plans):
         t0 = time.time()
@@ -137,25 +171,11 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             R = images.shape[-1]
             params = draw_params(cfg.seed, epoch, batch["index"].tolist(), R)
             images, maps = augment(images, maps, params, R // 2, R // (2 * p))
-            with torch.no_grad():
-                patches = backbone(backbone.normalize(images))[:, 1:]
-                teacher_logits = teacher(patches, maps.shape[-2:])[0] if plan.bootstrapping else None
-            logits, class_feat = student(patches, maps.shape[-2:])
-            target = soft_targets(maps, things_only, teacher_logits, cfg.teacher_weight)
-            perm = torch.randperm(target.shape[1], generator=perm_gen).to(device) if plan.bootstrapping else None
-            l_cat = loss_cat(logits, target, plan.alpha, perm)
-            if things_only:
-                foreground = (normalize_maps(maps) > 0.1).any(1)
-                l_unc = loss_uncertainty(logits[:, 1:], foreground)
-            else:
-                l_unc = loss_uncertainty(logits)
-            l_emb = loss_cls_emb(class_feat)
-            loss = w_cat * l_cat + w_unc * l_unc + w_emb * l_emb
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_value_(decoder.parameters(), cfg.grad_clip)
-            optimizer.step()
-            for k, v in zip(sums, (loss, l_cat, l_unc, l_emb)):
+            perm = torch.randperm(maps.shape[1] + int(things_only), generator=perm_gen).to(device) \
+                if plan.bootstrapping else None
+            losses = train_step(backbone, student, teacher if plan.bootstrapping else None, optimizer, images, maps,
+                                cfg, things_only, plan.alpha, perm)
+            for k, v in zip(sums, losses):
                 sums[k] += v.item()
             n_batches += 1
         means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()

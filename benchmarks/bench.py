@@ -1,0 +1,214 @@
+"""Stage throughput: this project's path against the straightforward implementation of the same maths,
+measured in the same run on random weights and synthetic in-memory batches.
+
+    python benchmarks/bench.py             # published sizes: ViT-S/8, R = 320 (meant for a GPU)
+    python benchmarks/bench.py --quick     # tiny sizes on the CPU, well under a minute (smoke check)
+    python benchmarks/bench.py --stages pseudo27 extract
+
+Prints one JSON line per stage: stage, img_per_s, baseline_img_per_s, speedup, peak_mem_mb, device.
+The baselines are what the original code does: per-window crops resized one by one, one backward pass
+per concept through the full attention matrix, the frozen encoder run separately for student and
+teacher, explicit (unfused) attention, scikit-learn k-means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from transfgu.augment import augment, draw_params  # noqa: E402
+from transfgu.cluster import kmeans  # noqa: E402
+from transfgu.crops import THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, select_crops  # noqa: E402
+from transfgu.models.decoder import build_decoder  # noqa: E402
+from transfgu.models.vit import build_backbone  # noqa: E402
+from transfgu.pseudo import pseudo_masks  # noqa: E402
+from transfgu.train import TrainConfig, decoder_step, encode, predict, train_step  # noqa: E402
+
+SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
+    "full": dict(arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=64, cluster=(5_000_000, 384, 171, 100)),
+    "quick": dict(arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10)),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, device, repeats: int) -> float:
+    """Seconds per call (after one warm-up call)."""
+    fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def unfused(backbone):
+    """The same network with explicit softmax attention everywhere (the original DINO code path)."""
+    for blk in backbone.vit.blocks:
+        blk.attn.fused_attn = False
+    return backbone
+
+
+def fused(backbone):
+    for blk in backbone.vit.blocks:
+        blk.attn.fused_attn = True
+    return backbone
+
+
+# -- straightforward paths ----------------------------------------------------------------------------
+def extract_baseline(backbone, images, windows, R):
+    """Per image: attention map, then each selected window cut and resized on its own, crops forwarded."""
+    p = backbone.patch_size
+    feats = []
+    for img in images:
+        _, attn_cls, _ = backbone.last_block_inputs(img[None])
+        grid = img.shape[-1] // p
+        thing, stuff = select_crops(attn_cls[:, :, 1:].mean(1).view(1, grid, grid), windows)
+        crops = [F.interpolate(img[None, :, y0 * p:y1 * p, x0 * p:x1 * p], size=(R, R), mode="bilinear",
+                               align_corners=False)
+                 for keep in (thing[0], stuff[0]) for (y0, x0, y1, x1) in windows[keep].tolist()]
+        if crops:
+            feats.append(backbone(torch.cat(crops))[:, 0])
+    return feats
+
+
+def pseudo_baseline(backbone, images, centroids):
+    """One backward per concept through the full last-block attention matrix (the original loop)."""
+    vit = backbone.vit
+    t = backbone.tokens(images)
+    for blk in vit.blocks[:-1]:
+        t = blk(t)
+    blk = vit.blocks[-1]
+    B, N, D = t.shape
+    heads = backbone.num_heads
+    q, k, v = blk.attn.qkv(blk.norm1(t)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+    A = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).detach().requires_grad_(True)
+    t = t + blk.attn.proj((A @ v).transpose(1, 2).reshape(B, N, D))
+    z = vit.norm(t + blk.mlp(blk.norm2(t)))[:, 0]
+    grads = []
+    for c in centroids:
+        A.grad = None
+        (1 - F.cosine_similarity(z, c[None], dim=1)).mean().backward(retain_graph=True)
+        grads.append(A.grad[:, :, 0, 1:].mean(1))
+    return torch.stack(grads, 1)
+
+
+# -- stages -------------------------------------------------------------------------------------------
+def bench_extract(s, device, repeats):
+    backbone = build_backbone(s["arch"], 8, None).to(device)
+    images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
+    windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
+    with torch.no_grad():
+        n_crops = sum(len(f) for part in crop_features(backbone, images, windows, s["R"], s["crop_batch"]) for f in part)
+        new = timeit(lambda: crop_features(backbone, images, windows, s["R"], s["crop_batch"]), device, repeats)
+        unfused(backbone)
+        old = timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device, repeats)
+    fused(backbone)
+    return s["batch"] / new, s["batch"] / old, {"crops_per_image": n_crops / s["batch"],
+                                                "crops_per_s": n_crops / new}
+
+
+def bench_pseudo(K):
+    def run(s, device, repeats):
+        backbone = build_backbone(s["arch"], 8, None).to(device)
+        images = torch.randn(s["batch"], 3, s["R"], s["R"], device=device)
+        centroids = torch.randn(K, backbone.embed_dim, device=device)
+        new = timeit(lambda: pseudo_masks(backbone, images, centroids, 1 / 8), device, repeats)
+        unfused(backbone)
+        old = timeit(lambda: pseudo_baseline(backbone, images, centroids), device, max(repeats // 2, 1))
+        fused(backbone)
+        return s["batch"] / new, s["batch"] / old, {"concepts": K}
+    return run
+
+
+def bench_train(s, device, repeats):
+    """One bootstrapping step (augmentation included) at batch train_batch, 27 concepts."""
+    backbone = build_backbone(s["arch"], 8, None).to(device)
+    K, B, R = 27, s["train_batch"], s["R"]
+    student = build_decoder(K, backbone.embed_dim).to(device)
+    teacher = build_decoder(K, backbone.embed_dim, seed=1).to(device).eval()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
+    images = torch.rand(B, 3, R, R, device=device)
+    maps = torch.rand(B, K, R // 8, R // 8, device=device)
+    cfg = TrainConfig(epochs=1, batch_size=B)
+    params = draw_params(0, 0, range(B), R)
+    perm = torch.randperm(K, device=device)
+
+    def new():
+        x, m = augment(images, maps, params, R // 2, R // 16)
+        train_step(backbone, student, teacher, optimizer, x, m, cfg, False, 0.05, perm)
+
+    def old():  # the frozen encoder forwarded once for the teacher and again for the student
+        x, m = augment(images, maps, params, R // 2, R // 16)
+        _, teacher_logits = encode(backbone, x, teacher, m.shape[-2:])
+        patches, _ = encode(backbone, x)
+        decoder_step(student, optimizer, patches, m, teacher_logits, cfg, False, 0.05, perm)
+
+    return B / timeit(new, device, repeats), B / timeit(old, device, repeats), {"batch": B}
+
+
+def bench_evaluate(s, device, repeats):
+    backbone = build_backbone(s["arch"], 8, None).to(device)
+    decoder = build_decoder(27, backbone.embed_dim).to(device).eval()
+    images = torch.rand(s["batch"] * 4, 3, s["R"], s["R"], device=device)
+    new = timeit(lambda: predict(backbone, decoder, images), device, repeats)
+    unfused(backbone)
+    old = timeit(lambda: predict(backbone, decoder, images), device, repeats)
+    fused(backbone)
+    return len(images) / new, len(images) / old, {}
+
+
+def bench_cluster(s, device, repeats):
+    from sklearn.cluster import KMeans
+    n, d, k, niter = s["cluster"]
+    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    new = timeit(lambda: kmeans(x, k, niter=niter, seed=0), torch.device("cpu"), 1)
+    old = timeit(lambda: KMeans(k, n_init=1, max_iter=niter, tol=0, random_state=0).fit(x), torch.device("cpu"), 1)
+    return n / new, n / old, {"vectors": n, "dim": d, "k": k, "iterations": niter, "unit": "vectors/s"}
+
+
+STAGES = {"extract": bench_extract, "pseudo27": bench_pseudo(27), "pseudo171": bench_pseudo(171),
+          "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes on the CPU")
+    ap.add_argument("--stages", nargs="+", choices=sorted(STAGES), default=list(STAGES))
+    ap.add_argument("--repeats", type=int, default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
+    sizes = SIZES["quick" if args.quick else "full"]
+    repeats = args.repeats or (2 if args.quick else 10)
+    torch.manual_seed(0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    for stage in args.stages:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        new, old, extra = STAGES[stage](sizes, device, repeats)
+        print(json.dumps({"stage": stage, "img_per_s": round(new, 2), "baseline_img_per_s": round(old, 2),
+                          "speedup": round(new / old, 2), "peak_mem_mb": round(peak_mb(device), 1),
+                          "device": name, **extra}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

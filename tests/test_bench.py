@@ -1,0 +1,18 @@
+"""The benchmark script's --quick mode runs and reports every field (no timing is asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_quick_benchmark_prints_one_json_line_per_stage():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
+                          "--stages", "pseudo27", "train"], capture_output=True, text=True, timeout=300, check=True)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["stage"] for r in rows] == ["pseudo27", "train"]
+    for r in rows:
+        assert {"img_per_s", "baseline_img_per_s", "speedup", "peak_mem_mb", "device"} <= r.keys()
+        assert r["img_per_s"] > 0 and r["baseline_img_per_s"] > 0
+        assert abs(r["speedup"] - r["img_per_s"] / r["baseline_img_per_s"]) < 0.01 * r["speedup"] + 0.01
