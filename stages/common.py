@@ -8,8 +8,10 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 import yaml
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from transfgu import dist  # noqa: E402
+from transfgu.dist import progress  # noqa: E402
+from transfgu.io import write_batch  # noqa: E402
 from transfgu.data import published_pseudo_batch, resolve_task, things_only  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
 
@@ -108,6 +112,29 @@ def shard_dir(final: Path) -> Path:
         path.mkdir(parents=True)
     dist.barrier()
     return path
+
+
+class BatchShards:
+    """This rank's batches of a split (every world-th one) and the shard file their results go to, in a
+    folder shared by all ranks; rank 0 then assembles the shards (transfgu.io.merge_batches)."""
+
+    def __init__(self, final: Path, dataset, batch_size: int, num_workers: int):
+        self.dir = shard_dir(final)
+        self.n_batches = -(-len(dataset) // batch_size)
+        self.ids, self.loader = my_loader(dataset, batch_size, num_workers)
+
+    def batches(self, desc: str):
+        """Yield (batch, save): save(arrays) stores that batch's results. Ends when every rank is done."""
+        with h5py.File(self.dir / f"rank{dist.rank()}.h5", "w") as shard:
+            for b, batch in zip(self.ids, progress(self.loader, desc=desc)):
+                yield batch, partial(write_batch, shard, b)
+        dist.barrier()
+
+    def paths(self) -> list:
+        return [self.dir / f"rank{r}.h5" for r in range(dist.world_size())]
+
+    def remove(self):
+        shutil.rmtree(self.dir)
 
 
 @contextmanager

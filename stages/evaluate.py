@@ -10,7 +10,6 @@ import csv
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record

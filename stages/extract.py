@@ -2,20 +2,17 @@
 
 Under torchrun each rank takes every world-th batch and writes a shard; rank 0 assembles the shards in
 batch order, so the feature bank is the same file whatever the number of processes."""
-import shutil
-
 import h5py
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import FEATURE_BANK, INDEX, backbone_of, device, log, my_loader, setup, shard_dir, size_mb, timed
+from common import FEATURE_BANK, INDEX, BatchShards, backbone_of, device, log, setup, size_mb, timed
 
 from transfgu import dist
-from transfgu.dist import progress
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows
 from transfgu.data import SplitDataset, things_only as dataset_things_only
-from transfgu.io import atomic_output, merge_batches, read_json, write_batch, write_image_ids
+from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids
 
 
 @record
@@ -35,33 +32,28 @@ def main():
     log.info("%d train images at %d px, %d windows per image (sizes %s), crops at %d px%s, %d process(es)",
              len(data), 2 * R, len(windows), list(sizes), R, ", things only" if things_only else "",
              dist.world_size())
-    batch_size = int(cfg["batch_size"])
-    shards = shard_dir(FEATURE_BANK)
+    shards = BatchShards(FEATURE_BANK, data, int(cfg["batch_size"]), int(cfg["num_workers"]))
     with timed("extract"):
-        batch_ids, batches = my_loader(data, batch_size, int(cfg["num_workers"]))
-        with h5py.File(shards / f"rank{dist.rank()}.h5", "w") as shard:
-            for b, batch in zip(batch_ids, progress(batches, desc="extract")):
-                images = backbone.normalize(batch["image"].to(dev).float() / 255)
-                crops = crop_features(backbone, images, windows, R, int(cfg["crop_batch"]), things_only,
-                                      float(cfg["thing_fraction"]), float(cfg["stuff_fraction"]))
-                arrays = {}
-                for group, feats in zip(groups, crops):
-                    arrays[f"{group}/features"] = torch.cat(feats).numpy().astype(np.float16)
-                    arrays[f"{group}/counts"] = np.array([len(f) for f in feats], dtype=np.int64)
-                write_batch(shard, b, arrays)
-        dist.barrier()
+        for batch, save in shards.batches("extract"):
+            images = backbone.normalize(batch["image"].to(dev).float() / 255)
+            crops = crop_features(backbone, images, windows, R, int(cfg["crop_batch"]), things_only,
+                                  float(cfg["thing_fraction"]), float(cfg["stuff_fraction"]))
+            arrays = {}
+            for group, feats in zip(groups, crops):
+                arrays[f"{group}/features"] = torch.cat(feats).numpy().astype(np.float16)
+                arrays[f"{group}/counts"] = np.array([len(f) for f in feats], dtype=np.int64)
+            save(arrays)
         if dist.is_main():
-            n_batches = -(-len(data) // batch_size)
             with atomic_output(FEATURE_BANK) as tmp, h5py.File(tmp, "w") as h5:
-                counts = merge_batches([shards / f"rank{r}.h5" for r in range(dist.world_size())], n_batches,
-                                       h5, {f"{g}/features": 1024 for g in groups}, [f"{g}/counts" for g in groups])
+                counts = merge_batches(shards.paths(), shards.n_batches, h5, {f"{g}/features": 1024 for g in groups},
+                                       [f"{g}/counts" for g in groups])
                 for g in groups:
                     h5.create_dataset(f"{g}/offsets", data=np.concatenate([[0], np.cumsum(counts[f"{g}/counts"])]),
                                       track_times=False)
                 write_image_ids(h5, [e["id"] for e in index["splits"]["train"]])
                 h5.attrs.update(R=R, arch=params["backbone"]["arch"], patch_size=backbone.patch_size,
                                 window_sizes=list(sizes), things_only=things_only)
-            shutil.rmtree(shards)
+            shards.remove()
             n_crops = {g: int(counts[f"{g}/counts"].sum()) for g in groups}
             log.info("wrote %s: %s crops (%.1f per image), %.1f MB", FEATURE_BANK, n_crops,
                      sum(n_crops.values()) / max(len(data), 1), size_mb(FEATURE_BANK))

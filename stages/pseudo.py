@@ -3,21 +3,18 @@ own quality against the ground truth where the split has labels.
 
 Under torchrun each rank takes every world-th batch and writes a shard; rank 0 assembles them in batch
 order (the same file whatever the number of processes); the confusion matrix is summed over ranks."""
-import shutil
-
 import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, backbone_of, device, grad_scale_of, log,
-                    my_loader, setup, shard_dir, size_mb, task_of, timed)
+from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, BatchShards, backbone_of, device, grad_scale_of,
+                    log, setup, size_mb, task_of, timed)
 
 from transfgu import dist
 from transfgu.data import SplitDataset
-from transfgu.dist import progress
-from transfgu.io import atomic_output, merge_batches, read_json, write_batch, write_image_ids, write_json
+from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids, write_json
 from transfgu.losses import soft_targets
 from transfgu.metrics import confusion_matrix, segmentation_scores
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
@@ -46,32 +43,27 @@ def main():
     n_classes = len(task.class_names)
     conf = np.zeros((task.n_outputs, n_classes), dtype=np.int64)
     agree = np.zeros(2, dtype=np.int64)  # labels equal after float16 storage, labels
-    batch_size = int(cfg["batch_size"])
-    shards = shard_dir(PSEUDO_MASKS)
+    shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), int(cfg["num_workers"]))
     with timed("pseudo"):
-        batch_ids, batches = my_loader(data, batch_size, int(cfg["num_workers"]))
-        with h5py.File(shards / f"rank{dist.rank()}.h5", "w") as shard:
-            for b, batch in zip(batch_ids, progress(batches, desc="pseudo")):
-                images = backbone.normalize(batch["image"].to(dev).float() / 255)
-                a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]))
-                write_batch(shard, b, {"attention": a.cpu().numpy().astype(np.float32),
-                                       "gradient": q.cpu().numpy().astype(np.float16)})
-                targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
-                labels = targets.argmax(1)
-                stored16 = soft_targets(assemble_pseudo_masks(a, q.half()), task.things_only).argmax(1)
-                agree += [int((stored16 == labels).sum()), labels.numel()]
-                if labelled:
-                    up = F.interpolate(targets, size=(R, R), mode="bilinear", align_corners=False).argmax(1)
-                    conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
+        for batch, save in shards.batches("pseudo"):
+            images = backbone.normalize(batch["image"].to(dev).float() / 255)
+            a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]))
+            save({"attention": a.cpu().numpy().astype(np.float32), "gradient": q.cpu().numpy().astype(np.float16)})
+            targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
+            labels = targets.argmax(1)
+            stored16 = soft_targets(assemble_pseudo_masks(a, q.half()), task.things_only).argmax(1)
+            agree += [int((stored16 == labels).sum()), labels.numel()]
+            if labelled:
+                up = F.interpolate(targets, size=(R, R), mode="bilinear", align_corners=False).argmax(1)
+                conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
         conf, agree = dist.all_sum(conf), dist.all_sum(agree)
         if dist.is_main():
-            n_batches = -(-len(data) // batch_size)
             with atomic_output(PSEUDO_MASKS) as tmp, h5py.File(tmp, "w") as h5:
-                merge_batches([shards / f"rank{r}.h5" for r in range(dist.world_size())], n_batches, h5,
-                              {"attention": 1, "gradient": 1})
+                merge_batches(shards.paths(), shards.n_batches, h5, {"attention": 1, "gradient": 1},
+                              compressed=["gradient"])
                 write_image_ids(h5, [e["id"] for e in index["splits"]["train"]])
                 h5.attrs.update(R=R, n_things=task.n_things, n_stuff=task.n_stuff, grad_scale=scale)
-            shutil.rmtree(shards)
+            shards.remove()
             metrics = {"stored_label_agreement": 100 * int(agree[0]) / max(int(agree[1]), 1)}
             if labelled:
                 s = segmentation_scores(conf)

@@ -54,12 +54,14 @@ def write_batch(shard: h5py.File, batch: int, arrays: dict) -> None:
         group.create_dataset(name, data=np.asarray(a))
 
 
-def merge_batches(shard_paths, n_batches: int, out: h5py.File, chunk_rows: dict, in_memory=()) -> dict:
+def merge_batches(shard_paths, n_batches: int, out: h5py.File, chunk_rows: dict, in_memory=(),
+                  compressed=()) -> dict:
     """Concatenate every batch's arrays in batch order, batch b read from shard b % len(shard_paths).
 
     Arrays named in chunk_rows become datasets of `out` (chunked by that many rows, written in one pass
-    with no timestamps, so the file is the same bytes whatever the number of shards); those named in
-    in_memory are returned as numpy arrays."""
+    with no timestamps, so the file is the same bytes whatever the number of shards; those named in
+    `compressed` losslessly with byte shuffling + gzip level 1); those named in in_memory are returned as
+    numpy arrays."""
     shards = [h5py.File(p, "r") for p in shard_paths]
     try:
         batch = lambda b: shards[b % len(shards)][f"batch{b}"]  # noqa: E731
@@ -70,7 +72,9 @@ def merge_batches(shard_paths, n_batches: int, out: h5py.File, chunk_rows: dict,
         for n, chunk in chunk_rows.items():
             shape = (rows[n], *first[n].shape[1:])
             chunks = (max(1, min(chunk, rows[n])), *first[n].shape[1:]) if rows[n] else None
-            datasets[n] = out.create_dataset(n, shape=shape, dtype=first[n].dtype, chunks=chunks, track_times=False)
+            pack = dict(compression="gzip", compression_opts=1, shuffle=True) if n in compressed and chunks else {}
+            datasets[n] = out.create_dataset(n, shape=shape, dtype=first[n].dtype, chunks=chunks, track_times=False,
+                                             **pack)
         pos = dict.fromkeys(chunk_rows, 0)
         memory = {n: [] for n in in_memory}
         for b in range(n_batches):

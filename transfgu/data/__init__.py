@@ -12,7 +12,7 @@ from ..pseudo import assemble_pseudo_masks
 from . import synthetic
 
 from . import adapters, labels
-from .labels import IGNORE, INVALID
+from .labels import INVALID
 
 
 @dataclass(frozen=True)
