@@ -10,6 +10,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -18,6 +19,7 @@ from common import (DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, lo
                     task_of, timed)
 
 from transfgu import dist
+from transfgu.baselines import patch_kmeans_confusion
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, read_json, write_json
 from transfgu.metrics import segmentation_scores
@@ -95,6 +97,14 @@ def main(args=None):
                    "n_classes": len(names)}
         if args.decoder is None and PSEUDO_METRICS.is_file():  # the pseudo masks' own quality, beside the result
             metrics.update({k: v for k, v in read_json(PSEUDO_METRICS).items() if k.startswith("pseudo_")})
+        if cfg.get("patch_kmeans_baseline", True):  # the bottom-up reference: k-means of the same patch tokens
+            plain = torch.utils.data.DataLoader(data, batch_size=int(cfg["batch_size"]),
+                                                num_workers=int(cfg["num_workers"]))
+            b = segmentation_scores(patch_kmeans_confusion(backbone, plain, task.n_outputs, len(names), dev,
+                                                           seed=int(params["seed"])))
+            metrics.update(baseline_patch_kmeans_miou=b["miou"], baseline_patch_kmeans_pixel_accuracy=b["pixel_accuracy"])
+            log.info("patch k-means baseline (%d clusters): miou %.2f, pixel accuracy %.2f", task.n_outputs,
+                     b["miou"], b["pixel_accuracy"])
         matched = s["matched_confusion"]  # rows: predicted (matched) class, columns: ground truth
         write_csv(out / "per_class_iou.csv", ["class", "iou"],
                   [[n, "" if v is None else round(v, 4)] for n, v in zip(names, s["per_class_iou"])])
