@@ -74,7 +74,7 @@ def test_sharded_evaluate_gives_identical_confusion_metrics_and_predictions(runs
 def test_ddp_training_matches_one_process_after_three_steps(runs):
     """Same global batches (4 = 2 x 2), per-sample augmentation: the weights agree to rounding. Adam divides
     each gradient by its own magnitude, so an element whose gradient is ~0 can move by up to lr per step
-    on rounding noise alone: all but a handful of the ~700k weights agree within 1e-5, and none differs by
+    on rounding noise alone: all but a handful of the ~1M weights agree within 1e-5, and none differs by
     more than 3 steps x lr."""
     one = torch.load(runs / "one" / "decoder.pt", weights_only=True)
     two = torch.load(runs / "two_decoder.pt", weights_only=True)
