@@ -78,6 +78,7 @@ def test_repro_runs_every_stage_and_reports_metrics(project):
             values.update(f["data"])
     assert 0 <= values["miou"] <= 100 and 0 <= values["pixel_accuracy"] <= 100
     assert 0 <= values["pseudo_miou"] <= 100
+    assert 0 <= values["baseline_patch_kmeans_miou"] <= 100
     assert len(list((root / "outputs" / "pictures").glob("*.png"))) == 2
     log = (root / "outputs" / "train_log.csv").read_text().splitlines()
     assert len(log) == 1 + 3 and log[0].startswith("epoch,loss")
