@@ -80,9 +80,8 @@ def extract_baseline(backbone, images, windows, R):
     p = backbone.patch_size
     feats = []
     for img in images:
-        _, attn_cls, _ = backbone.last_block_inputs(img[None])
         grid = img.shape[-1] // p
-        thing, stuff = select_crops(attn_cls[:, :, 1:].mean(1).view(1, grid, grid), windows)
+        thing, stuff = select_crops(backbone.cls_attention(img[None]).view(1, grid, grid), windows)
         crops = [F.interpolate(img[None, :, y0 * p:y1 * p, x0 * p:x1 * p], size=(R, R), mode="bilinear",
                                align_corners=False)
                  for keep in (thing[0], stuff[0]) for (y0, x0, y1, x1) in windows[keep].tolist()]

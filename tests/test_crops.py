@@ -147,7 +147,7 @@ def test_crop_features_single_size_exact_slices(tiny_backbone, size, crop_px):
     windows = crop_windows(8, (size,))
     things, stuffs = crop_features(tiny_backbone, images, windows, crop_size=crop_px, crop_batch=5)
     assert len(things) == 2 and len(stuffs) == 2
-    _, attn = tiny_backbone.forward_with_cls_attention(images)
+    attn = tiny_backbone.cls_attention(images)
     thing, stuff = select_crops(attn.view(2, 8, 8), windows)
     assert thing.any()
     if size == 0.125:
@@ -172,7 +172,7 @@ def test_crop_features_all_sizes_and_things_only(tiny_backbone):
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     windows = crop_windows(8)
     things, stuffs = crop_features(tiny_backbone, images, windows, crop_size=32, crop_batch=7)
-    _, attn = tiny_backbone.forward_with_cls_attention(images)
+    attn = tiny_backbone.cls_attention(images)
     thing, stuff = select_crops(attn.view(2, 8, 8), windows)
     for b in range(2):
         for feats, keep in ((things[b], thing[b]), (stuffs[b], stuff[b])):

@@ -76,8 +76,7 @@ def crop_features(backbone, images: torch.Tensor, windows: torch.Tensor, crop_si
     empty when things_only)."""
     B, _, H, W = images.shape
     p = backbone.patch_size
-    _, attn_cls, _ = backbone.last_block_inputs(images)  # only the [CLS] attention row is needed
-    attn = attn_cls[:, :, 1:].mean(1)
+    attn = backbone.cls_attention(images)
     grid = H // p
     thing, stuff = select_crops(attn.view(B, grid, grid), windows, thing_fraction, stuff_fraction)
     if things_only:

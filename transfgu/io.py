@@ -93,6 +93,3 @@ def merge_batches(shard_paths, n_batches: int, out: h5py.File, chunk_rows: dict,
 def write_image_ids(h5: h5py.File, ids) -> None:
     h5.create_dataset("image_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype(), track_times=False)
 
-
-def read_image_ids(h5: h5py.File) -> list[str]:
-    return [s.decode() if isinstance(s, bytes) else s for s in h5["image_ids"][:]]

@@ -115,12 +115,10 @@ class DinoViT(nn.Module):
         c = c + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(c))))
         return self.vit.norm(c)
 
-    def forward_with_cls_attention(self, x: torch.Tensor):
-        """Final normed tokens (B, 1 + hw, D) and the last block's [CLS]->patch attention averaged
-        over heads (B, hw)."""
-        t, attn_cls, v = self.last_block_inputs(x)
-        out = self.vit.blocks[-1](t)  # the block's own forward for all tokens
-        return self.vit.norm(out), attn_cls[:, :, 1:].mean(1)
+    def cls_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's attention of [CLS] to the patch tokens, averaged over heads: (B, hw)."""
+        _, attn_cls, _ = self.last_block_inputs(x)
+        return attn_cls[:, :, 1:].mean(1)
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
