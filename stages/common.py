@@ -78,9 +78,10 @@ def device() -> torch.device:
 def backbone_of(params, dev) -> torch.nn.Module:
     b = params["backbone"]
     model = build_backbone(b["arch"], int(b["patch_size"]), b.get("checkpoint"), seed=int(params["seed"]))
-    if not b.get("checkpoint") and dist.is_main():
-        log.warning("backbone %s/%d has RANDOM weights (backbone.checkpoint is empty): results are not "
-                    "meaningful segmentations", b["arch"], b["patch_size"])
+    if not b.get("checkpoint"):
+        if dist.is_main():
+            log.warning("backbone %s/%d has RANDOM weights (backbone.checkpoint is empty): results are not "
+                        "meaningful segmentations", b["arch"], b["patch_size"])
     else:
         log.info("backbone %s/%d loaded from %s", b["arch"], b["patch_size"], b["checkpoint"])
     return model.to(dev)
@@ -95,11 +96,9 @@ def grad_scale_of(params) -> float:
 
 def my_loader(dataset, batch_size: int, num_workers: int):
     """This rank's share of the batches of a split, in order, as (global batch ids, DataLoader)."""
-    batches = dist.my_batches(len(dataset), batch_size)
-    n_batches = -(-len(dataset) // batch_size)
-    ids = list(range(dist.rank(), n_batches, dist.world_size()))
-    return ids, torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                            pin_memory=torch.cuda.is_available())
+    mine = dist.my_batches(len(dataset), batch_size)
+    return list(mine), torch.utils.data.DataLoader(dataset, batch_sampler=list(mine.values()),
+                                                   num_workers=num_workers, pin_memory=torch.cuda.is_available())
 
 
 def shard_dir(final: Path) -> Path:
@@ -120,7 +119,7 @@ class BatchShards:
 
     def __init__(self, final: Path, dataset, batch_size: int, num_workers: int):
         self.dir = shard_dir(final)
-        self.n_batches = -(-len(dataset) // batch_size)
+        self.n_batches = dist.n_batches(len(dataset), batch_size)
         self.ids, self.loader = my_loader(dataset, batch_size, num_workers)
 
     def batches(self, desc: str):

@@ -66,9 +66,11 @@ def main(args=None):
     names = list(task.class_names)
     log.info("%d val images at %d px, decoder %s, %s", len(data), R, decoder_path,
              f"{len(names)} classes" if labelled else "no labels: predictions only")
+    _, batches = my_loader(data, int(cfg["batch_size"]), int(cfg["num_workers"]))
+    predictions_dir = shard_dir(out / "predictions")  # every rank writes its images' predictions there
     kept = []  # the images among the first n_pictures, with their prediction and label
 
-    def keep(batch, pred, predictions_dir):
+    def keep(batch, pred):
         pred = pred.cpu().numpy()
         for j, i in enumerate(batch["index"].tolist()):
             if i < int(cfg["n_pictures"]):
@@ -76,11 +78,9 @@ def main(args=None):
                 kept.append((i, batch["image"][j].permute(1, 2, 0).numpy(), pred[j], label))
             Image.fromarray(pred[j].astype(np.uint8)).save(predictions_dir / f"{entries[i]['id']}.png")
 
-    _, batches = my_loader(data, int(cfg["batch_size"]), int(cfg["num_workers"]))
-    predictions_dir = shard_dir(out / "predictions")  # every rank writes its images' predictions there
     with timed("evaluate"):
-        conf = evaluate_loader(backbone, decoder, batches, task.n_outputs, len(names), dev, "evaluate",
-                               lambda b, p: keep(b, p, predictions_dir), with_labels=labelled)
+        conf = evaluate_loader(backbone, decoder, batches, task.n_outputs, len(names), dev, "evaluate", keep,
+                               with_labels=labelled)
     conf = dist.all_sum(conf)
     kept = sorted(k for part in dist.all_gather_objects(kept) for k in part)
     dist.barrier()

@@ -54,10 +54,14 @@ def shutdown():
         td.destroy_process_group()
 
 
-def my_batches(n_items: int, batch_size: int) -> list[list[int]]:
-    """This rank's batches (lists of item indices): batch b = items [b*B, (b+1)*B), given to rank b % world."""
-    batches = [list(range(s, min(s + batch_size, n_items))) for s in range(0, n_items, batch_size)]
-    return batches[rank()::world_size()]
+def n_batches(n_items: int, batch_size: int) -> int:
+    return -(-n_items // batch_size)
+
+
+def my_batches(n_items: int, batch_size: int) -> dict[int, list[int]]:
+    """This rank's batches {batch id b: item indices}: batch b = items [b*B, (b+1)*B), given to rank b % world."""
+    return {b: list(range(b * batch_size, min((b + 1) * batch_size, n_items)))
+            for b in range(rank(), n_batches(n_items, batch_size), world_size())}
 
 
 def all_sum(array: np.ndarray) -> np.ndarray:
