@@ -5,21 +5,29 @@ measured in the same run on random weights and synthetic in-memory batches.
     python benchmarks/bench.py --quick     # tiny sizes on the CPU, well under a minute (smoke check)
     python benchmarks/bench.py --stages pseudo27 extract
 
-Prints one JSON line per stage: stage, img_per_s, baseline_img_per_s, speedup, peak_mem_mb, device.
-The baselines are what the original code does: per-window crops resized one by one, one backward pass
-per concept through the full attention matrix, the frozen encoder run separately for student and
-teacher, explicit (unfused) attention, scikit-learn k-means.
+Prints one JSON line per stage: stage, img_per_s, baseline_img_per_s, speedup, peak_mem_mb, device,
+precision. The baselines are what the original code does, in float32: per-window crops resized one by
+one, one backward pass per concept through the full attention matrix, the frozen encoder run separately
+for student and teacher, explicit (unfused) attention, scikit-learn k-means. The new paths run at the
+pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp32, and bf16 as the
+`*_bf16` stages). The load_* stages time the data loading of the extract, pseudo and train stages on
+JPEG files (and the pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import h5py
+
 import numpy as np
+from PIL import Image
 import torch
 import torch.nn.functional as F
 
@@ -28,15 +36,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from transfgu.augment import augment, draw_params  # noqa: E402
 from transfgu.cluster import kmeans  # noqa: E402
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, select_crops  # noqa: E402
+from transfgu.data import SplitDataset  # noqa: E402
+from transfgu.data.synthetic import generate_scene  # noqa: E402
+from transfgu.io import merge_batches, write_batch  # noqa: E402
 from transfgu.models.decoder import build_decoder  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
-from transfgu.pseudo import pseudo_masks  # noqa: E402
+from transfgu.precision import resolve_precision  # noqa: E402
+from transfgu.pseudo import pseudo_mask_parts, pseudo_masks  # noqa: E402
 from transfgu.train import TrainConfig, decoder_step, encode, predict, train_step  # noqa: E402
 
 SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
-    "full": dict(arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=64, cluster=(5_000_000, 384, 171, 100)),
-    "quick": dict(arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10)),
+    "full": dict(arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
+                 load_images=256, workers=min(8, os.cpu_count() or 1)),
+    "quick": dict(arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10),
+                  load_images=16, workers=2),
 }
+
+
+def auto(device) -> str:
+    """The pipeline's `precision: auto` on this device."""
+    return resolve_precision("auto", device, "precision")
 
 
 def sync(device):
@@ -116,26 +135,44 @@ def bench_extract(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
     images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
     windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
+    run = lambda: crop_features(backbone, images, windows, s["R"], s["crop_batch"], precision=auto(device))  # noqa: E731
     with torch.no_grad():
-        n_crops = sum(len(f) for part in crop_features(backbone, images, windows, s["R"], s["crop_batch"]) for f in part)
-        new = timeit(lambda: crop_features(backbone, images, windows, s["R"], s["crop_batch"]), device, repeats)
+        n_crops = sum(len(f) for part in run() for f in part)
+        new = timeit(run, device, repeats)
         unfused(backbone)
         old = timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device, repeats)
     fused(backbone)
     return s["batch"] / new, s["batch"] / old, {"crops_per_image": n_crops / s["batch"],
-                                                "crops_per_s": n_crops / new}
+                                                "crops_per_s": n_crops / new, "precision": auto(device)}
 
 
-def bench_pseudo(K):
+def stored_mb_per_image(a, q) -> float:
+    """Size on disk of pseudo-mask parts written the way the pseudo stage writes them, per image."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shard, out = Path(tmp) / "shard.h5", Path(tmp) / "masks.h5"
+        with h5py.File(shard, "w") as h5:
+            write_batch(h5, 0, {"attention": a.cpu().numpy().astype(np.float32),
+                                "gradient": q.cpu().numpy().astype(np.float16)})
+        with h5py.File(out, "w") as h5:
+            merge_batches([shard], 1, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+        return out.stat().st_size / 2 ** 20 / len(a)
+
+
+def bench_pseudo(K, precision="fp32"):
     def run(s, device, repeats):
         backbone = build_backbone(s["arch"], 8, None).to(device)
         images = torch.randn(s["batch"], 3, s["R"], s["R"], device=device)
-        centroids = torch.randn(K, backbone.embed_dim, device=device)
-        new = timeit(lambda: pseudo_masks(backbone, images, centroids, 1 / 8), device, repeats)
+        with torch.no_grad():  # concepts where the images' features are, as k-means would put them
+            feats = backbone(images)[:, 0]
+        centroids = feats[torch.arange(K, device=device) % len(feats)] + 0.1 * torch.randn(K, feats.shape[1],
+                                                                                            device=device)
+        new = timeit(lambda: pseudo_masks(backbone, images, centroids, 1 / 8, precision=precision), device, repeats)
+        mb = stored_mb_per_image(*pseudo_mask_parts(backbone, images, centroids, 1 / 8, precision=precision))
         unfused(backbone)
         old = timeit(lambda: pseudo_baseline(backbone, images, centroids), device, max(repeats // 2, 1))
         fused(backbone)
-        return s["batch"] / new, s["batch"] / old, {"concepts": K}
+        return s["batch"] / new, s["batch"] / old, {"concepts": K, "precision": precision,
+                                                    "stored_mb_per_image": round(mb, 4)}
     return run
 
 
@@ -148,7 +185,7 @@ def bench_train(s, device, repeats):
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-4)
     images = torch.rand(B, 3, R, R, device=device)
     maps = torch.rand(B, K, R // 8, R // 8, device=device)
-    cfg = TrainConfig(epochs=1, batch_size=B)
+    cfg = TrainConfig(epochs=1, batch_size=B, precision=auto(device))
     params = draw_params(0, 0, range(B), R)
     perm = torch.randperm(K, device=device)
 
@@ -156,48 +193,125 @@ def bench_train(s, device, repeats):
         x, m = augment(images, maps, params, R // 2, R // 16)
         train_step(backbone, student, teacher, optimizer, x, m, cfg, False, 0.05, perm)
 
-    def old():  # the frozen encoder forwarded once for the teacher and again for the student
+    old_cfg = TrainConfig(epochs=1, batch_size=B)
+
+    def old():  # float32, the frozen encoder forwarded once for the teacher and again for the student
         x, m = augment(images, maps, params, R // 2, R // 16)
         _, teacher_logits = encode(backbone, x, teacher, m.shape[-2:])
         patches, _ = encode(backbone, x)
-        decoder_step(student, optimizer, patches, m, teacher_logits, cfg, False, 0.05, perm)
+        decoder_step(student, optimizer, patches, m, teacher_logits, old_cfg, False, 0.05, perm)
 
-    return B / timeit(new, device, repeats), B / timeit(old, device, repeats), {"batch": B}
+    return B / timeit(new, device, repeats), B / timeit(old, device, repeats), {"batch": B, "precision": cfg.precision}
 
 
 def bench_evaluate(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
     decoder = build_decoder(27, backbone.embed_dim).to(device).eval()
     images = torch.rand(s["batch"] * 4, 3, s["R"], s["R"], device=device)
-    new = timeit(lambda: predict(backbone, decoder, images), device, repeats)
+    new = timeit(lambda: predict(backbone, decoder, images, auto(device)), device, repeats)
     unfused(backbone)
     old = timeit(lambda: predict(backbone, decoder, images), device, repeats)
     fused(backbone)
-    return len(images) / new, len(images) / old, {}
+    return len(images) / new, len(images) / old, {"precision": auto(device)}
+
+
+# -- data loading -------------------------------------------------------------------------------------
+def jpeg_split(folder: Path, n: int) -> dict:
+    """n JPEG scenes of COCO's typical size (640 x 480, quality 90) and an index of them."""
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        rgb = generate_scene(rng, 160)[0]
+        Image.fromarray(rgb).resize((640, 480), Image.BICUBIC).save(folder / f"{i:06d}.jpg", quality=90)
+        entries.append({"id": f"{i:06d}", "image": f"{i:06d}.jpg"})
+    return {"root": str(folder), "splits": {"train": entries}}
+
+
+def loader_throughput(dataset, batch: int, workers: int, device, passes: int = 2) -> float:
+    """Images per second a DataLoader delivers to `device` (workers started before the clock runs)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    for b in loader:  # warm-up pass: workers started, files in the page cache
+        b["image"].to(device, non_blocking=True)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(passes):
+        for b in loader:
+            b["image"].to(device, non_blocking=True)
+            if "maps" in b:
+                b["maps"].to(device, non_blocking=True)
+    sync(device)
+    return passes * len(dataset) / (time.perf_counter() - t0)
+
+
+def bench_load(kind):
+    """extract: images at 2R; pseudo: images at R; train: images at R + their 171 pseudo maps from HDF5."""
+    def run(s, device, repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            index = jpeg_split(tmp, s["load_images"])
+            size = 2 * s["R"] if kind == "extract" else s["R"]
+            maps = None
+            if kind == "train":
+                maps = tmp / "pseudo_masks.h5"
+                K, h = (171 if s is SIZES["full"] else 16), s["R"] // 8
+                gen = torch.Generator().manual_seed(0)
+                a = torch.rand(len(index["splits"]["train"]), h, h, generator=gen)
+                g = torch.rand(len(a), K, h, h, generator=gen)  # ~ the stage's sparsity: half -1, a third kept
+                q = torch.where(g < 0.5, -1.0, torch.where(g < 0.67, 0.0, g * 1e-3))
+                with h5py.File(tmp / "shard.h5", "w") as h5:
+                    write_batch(h5, 0, {"attention": a.numpy(), "gradient": q.numpy().astype(np.float16)})
+                with h5py.File(maps, "w") as h5:
+                    merge_batches([tmp / "shard.h5"], 1, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+            data = SplitDataset(index, "train", size, maps_path=maps)
+            batch = s["batch"] * (4 if kind != "extract" else 1)
+            new = loader_throughput(data, batch, s["workers"], device)
+            old = loader_throughput(data, batch, 0, device, passes=1)
+        return new, old, {"size": size, "workers": s["workers"], "batch": batch,
+                          "cpus": os.cpu_count(), "unit": "images/s delivered to the device"}
+    return run
 
 
 def bench_cluster(s, device, repeats, niter=None):
-    """faiss k-means (GPU index when faiss-gpu is installed, else the CPUs); scikit-learn as the baseline
-    up to 1M vectors (beyond, it takes far too long and is skipped). Throughput = vectors x iterations / s."""
+    """k-means with the backend the cluster stage picks (cluster.backend auto: faiss with a GPU index when
+    faiss-gpu sees one, else torch on the bench device when torch sees CUDA, else faiss on the CPUs).
+    Baseline: faiss on the CPUs when the new path is torch, else scikit-learn. Above 1M vectors scikit-learn
+    is skipped (far too slow) and faiss-cpu runs min(niter, 3) iterations, its time extrapolated to niter
+    (each run also pays one final assignment: time x (niter + 1) / (timed + 1)).
+    Throughput = vectors x iterations / s."""
     from sklearn.cluster import KMeans
+
+    from transfgu.cluster import describe_backend, gpu_available, kmeans, resolve_backend
     n, d, k, default_iter = s["cluster"]
     niter = niter or default_iter
+    backend = resolve_backend("auto")
     x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    kmeans(x[:4 * k], k, niter=1, seed=0, backend=backend, device=device)  # warm-up (CUDA context, cuBLAS)
     t0 = time.perf_counter()
-    kmeans(x, k, niter=niter, seed=0)
+    kmeans(x, k, niter=niter, seed=0, backend=backend, device=device)
     new = time.perf_counter() - t0
-    old = None
-    if n <= 1_000_000:
+    old, baseline, timed = None, None, None
+    if backend == "torch":
+        baseline, timed = "faiss-cpu", niter if n <= 1_000_000 else min(niter, 3)
+        t0 = time.perf_counter()
+        kmeans(x, k, niter=timed, seed=0, backend="faiss")
+        old = (time.perf_counter() - t0) * (niter + 1) / (timed + 1)
+    elif n <= 1_000_000:
+        baseline, timed = "scikit-learn", niter
         t0 = time.perf_counter()
         KMeans(k, n_init=1, max_iter=niter, tol=0, random_state=0).fit(x)
         old = time.perf_counter() - t0
     return n * niter / new, (n * niter / old if old else None), {
         "vectors": n, "dim": d, "k": k, "iterations": niter, "seconds": round(new, 2),
-        "unit": "vector-iterations/s", "faiss_gpu": __import__("transfgu.cluster").cluster.gpu_available()}
+        "unit": "vector-iterations/s", "backend": describe_backend(backend, device), "faiss_gpu": gpu_available(),
+        "baseline": baseline, "baseline_seconds": round(old, 2) if old else None,
+        "baseline_iterations_timed": timed, "baseline_extrapolated": bool(timed is not None and timed < niter)}
 
 
 STAGES = {"extract": bench_extract, "pseudo27": bench_pseudo(27), "pseudo171": bench_pseudo(171),
-          "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster}
+          "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
+          "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
+          "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train")}
 
 
 def main(argv=None):

@@ -24,6 +24,7 @@ from transfgu.dist import progress  # noqa: E402
 from transfgu.io import write_batch  # noqa: E402
 from transfgu.data import published_pseudo_batch, resolve_task, things_only  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
+from transfgu.precision import resolve_precision  # noqa: E402
 
 OUT = Path("outputs")
 INDEX = OUT / "index.json"
@@ -87,6 +88,27 @@ def backbone_of(params, dev) -> torch.nn.Module:
     return model.to(dev)
 
 
+def precision_of(params, stage: str, dev, default: str = "auto") -> str:
+    """'fp32' or 'bf16' from params[stage]['precision'] on this device (auto: bf16 on a GPU)."""
+    try:
+        return resolve_precision(params[stage].get("precision", default), dev, f"{stage}.precision")
+    except ValueError as e:
+        raise SystemExit(f"params.yaml: {e}") from None
+
+
+def workers_of(params, stage: str) -> int:
+    """DataLoader worker processes for a stage: params[stage]['num_workers'], where auto = none on the CPU
+    (decoding would take the cores from the model) and min(8, CPUs per process) with a GPU."""
+    value = params[stage].get("num_workers", "auto")
+    if value == "auto":
+        if device().type != "cuda":
+            return 0
+        return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SystemExit(f"params.yaml: {stage}.num_workers: expected 'auto' or an integer >= 0, got {value!r}")
+    return value
+
+
 def grad_scale_of(params) -> float:
     value = params["pseudo"].get("grad_scale", "auto")
     if value == "auto":
@@ -98,7 +120,8 @@ def my_loader(dataset, batch_size: int, num_workers: int):
     """This rank's share of the batches of a split, in order, as (global batch ids, DataLoader)."""
     mine = dist.my_batches(len(dataset), batch_size)
     return list(mine), torch.utils.data.DataLoader(dataset, batch_sampler=list(mine.values()),
-                                                   num_workers=num_workers, pin_memory=torch.cuda.is_available())
+                                                   num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                                                   persistent_workers=num_workers > 0)
 
 
 def shard_dir(final: Path) -> Path:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, log, my_loader, setup, shard_dir,
-                    task_of, timed)
+from common import (DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, log, my_loader, precision_of, setup,
+                    shard_dir, task_of, timed, workers_of)
 
 from transfgu import dist
 from transfgu.baselines import patch_kmeans_confusion
@@ -51,6 +51,7 @@ def main(args=None):
     out = args.out or (OUT / "published" / decoder_path.stem if args.decoder else OUT)
     dev = device()
     backbone = backbone_of(params, dev)
+    precision = precision_of(params, "evaluate", dev)
     index = read_json(INDEX)
     if not decoder_path.is_file():
         raise SystemExit(f"{decoder_path} not found" + ("" if args.decoder else ": run the train stage first"))
@@ -64,9 +65,9 @@ def main(args=None):
     labelled = task.label_lut is not None and all(e.get("label") for e in entries)
     data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None)
     names = list(task.class_names)
-    log.info("%d val images at %d px, decoder %s, %s", len(data), R, decoder_path,
-             f"{len(names)} classes" if labelled else "no labels: predictions only")
-    _, batches = my_loader(data, int(cfg["batch_size"]), int(cfg["num_workers"]))
+    log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
+             f"{len(names)} classes" if labelled else "no labels: predictions only", precision)
+    _, batches = my_loader(data, int(cfg["batch_size"]), workers_of(params, "evaluate"))
     predictions_dir = shard_dir(out / "predictions")  # every rank writes its images' predictions there
     kept = []  # the images among the first n_pictures, with their prediction and label
 
@@ -80,7 +81,7 @@ def main(args=None):
 
     with timed("evaluate"):
         conf = evaluate_loader(backbone, decoder, batches, task.n_outputs, len(names), dev, "evaluate", keep,
-                               with_labels=labelled)
+                               with_labels=labelled, precision=precision)
     conf = dist.all_sum(conf)
     kept = sorted(k for part in dist.all_gather_objects(kept) for k in part)
     dist.barrier()
@@ -99,7 +100,7 @@ def main(args=None):
             metrics.update({k: v for k, v in read_json(PSEUDO_METRICS).items() if k.startswith("pseudo_")})
         if cfg.get("patch_kmeans_baseline", True):  # the bottom-up reference: k-means of the same patch tokens
             plain = torch.utils.data.DataLoader(data, batch_size=int(cfg["batch_size"]),
-                                                num_workers=int(cfg["num_workers"]))
+                                                num_workers=workers_of(params, "evaluate"))
             try:
                 b = segmentation_scores(patch_kmeans_confusion(backbone, plain, task.n_outputs, len(names), dev,
                                                                seed=int(params["seed"])))

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import FEATURE_BANK, INDEX, BatchShards, backbone_of, device, log, setup, size_mb, timed
+from common import (FEATURE_BANK, INDEX, BatchShards, backbone_of, device, log, precision_of, setup, size_mb, timed,
+                    workers_of)
 
 from transfgu import dist
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows
@@ -25,19 +26,20 @@ def main():
         sizes = THINGS_ONLY_WINDOW_SIZES if things_only else THING_STUFF_WINDOW_SIZES
     dev = device()
     backbone = backbone_of(params, dev)
+    precision = precision_of(params, "extract", dev)
     index = read_json(INDEX)
     data = SplitDataset(index, "train", 2 * R)
     windows = crop_windows(2 * R // backbone.patch_size, sizes)
     groups = ("thing",) if things_only else ("thing", "stuff")
-    log.info("%d train images at %d px, %d windows per image (sizes %s), crops at %d px%s, %d process(es)",
-             len(data), 2 * R, len(windows), list(sizes), R, ", things only" if things_only else "",
+    log.info("%d train images at %d px, %d windows per image (sizes %s), crops at %d px%s, %s, %d process(es)",
+             len(data), 2 * R, len(windows), list(sizes), R, ", things only" if things_only else "", precision,
              dist.world_size())
-    shards = BatchShards(FEATURE_BANK, data, int(cfg["batch_size"]), int(cfg["num_workers"]))
+    shards = BatchShards(FEATURE_BANK, data, int(cfg["batch_size"]), workers_of(params, "extract"))
     with timed("extract"):
         for batch, save in shards.batches("extract"):
-            images = backbone.normalize(batch["image"].to(dev).float() / 255)
+            images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
             crops = crop_features(backbone, images, windows, R, int(cfg["crop_batch"]), things_only,
-                                  float(cfg["thing_fraction"]), float(cfg["stuff_fraction"]))
+                                  float(cfg["thing_fraction"]), float(cfg["stuff_fraction"]), precision)
             arrays = {}
             for group, feats in zip(groups, crops):
                 arrays[f"{group}/features"] = torch.cat(feats).numpy().astype(np.float16)

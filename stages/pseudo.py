@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, BatchShards, backbone_of, device, grad_scale_of,
-                    log, setup, size_mb, task_of, timed)
+                    log, precision_of, setup, size_mb, task_of, timed, workers_of)
 
 from transfgu import dist
 from transfgu.data import SplitDataset
@@ -26,6 +26,7 @@ def main():
     task, cfg, R = task_of(params), params["pseudo"], int(params["dataset"]["R"])
     dev = device()
     backbone = backbone_of(params, dev)
+    precision = precision_of(params, "pseudo", dev, default="fp32")
     if not CENTROIDS.is_file():
         raise SystemExit(f"{CENTROIDS} not found: run the cluster stage first (dvc repro)")
     stored = np.load(CENTROIDS)
@@ -38,16 +39,16 @@ def main():
     data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None)
     h = R // backbone.patch_size
     scale = grad_scale_of(params)
-    log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, %d process(es)", len(data),
-             R, len(centroids), h, h, scale, dist.world_size())
+    log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, trunk in %s, %d process(es)",
+             len(data), R, len(centroids), h, h, scale, precision, dist.world_size())
     n_classes = len(task.class_names)
     conf = np.zeros((task.n_outputs, n_classes), dtype=np.int64)
     agree = np.zeros(2, dtype=np.int64)  # labels equal after float16 storage, labels
-    shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), int(cfg["num_workers"]))
+    shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"))
     with timed("pseudo"):
         for batch, save in shards.batches("pseudo"):
-            images = backbone.normalize(batch["image"].to(dev).float() / 255)
-            a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]))
+            images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
+            a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]), precision)
             save({"attention": a.cpu().numpy().astype(np.float32), "gradient": q.cpu().numpy().astype(np.float16)})
             targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
             labels = targets.argmax(1)

@@ -7,7 +7,8 @@ import torch
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, backbone_of, device, log, my_loader, setup, task_of, timed
+from common import (DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, backbone_of, device, log, my_loader, precision_of, setup,
+                    task_of, timed, workers_of)
 
 from transfgu import dist
 from transfgu.data import SplitDataset
@@ -41,23 +42,25 @@ def main():
         log.warning("train.select_by is 'val' but the val split has no labels: keeping the last epoch")
     elif cfg["select_by"] == "val":
         _, val_loader = my_loader(SplitDataset(index, "val", R, lut=task.label_lut),
-                                  int(cfg["batch_size"]), int(cfg["num_workers"]))
+                                  int(cfg["batch_size"]), workers_of(params, "train"))
     decoder = build_decoder(task.n_outputs, backbone.embed_dim, seed, float(cfg["dropout"]))
     tc = TrainConfig(epochs=int(cfg["epochs"]), batch_size=int(cfg["batch_size"]), lr=float(cfg["lr"]),
                      weight_decay=float(cfg["weight_decay"]), loss_weights=tuple(cfg["loss_weights"]),
                      bootstrap_start=int(cfg["bootstrap_start"]),
                      bootstrap_intervals=tuple(cfg["bootstrap_intervals"]),
-                     bootstrap_block=int(cfg["bootstrap_block"]), seed=seed)
+                     bootstrap_block=int(cfg["bootstrap_block"]), seed=seed,
+                     precision=precision_of(params, "train", dev))
     log.info("%d train images at %d px (crops to %d), %d output channels, %d epochs, batch %d (%d per process x "
-             "%d), %s", len(train_data), R, R // 2, task.n_outputs, tc.epochs, tc.batch_size,
-             tc.batch_size // dist.world_size(), dist.world_size(),
+             "%d), %s, %s", len(train_data), R, R // 2, task.n_outputs, tc.epochs, tc.batch_size,
+             tc.batch_size // dist.world_size(), dist.world_size(), tc.precision,
              "model kept by val mIoU + accuracy" if val_loader is not None else "last epoch kept")
     try:
         sampler = GlobalBatchSampler(len(train_data), tc.batch_size, seed)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=int(cfg["num_workers"]),
-                                               pin_memory=torch.cuda.is_available())
+    workers = workers_of(params, "train")
+    train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
+                                               pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     with timed("train"):
         best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
                                       len(task.class_names), dev)

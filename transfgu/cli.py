@@ -25,6 +25,7 @@ from .data import load_rgb, resolve_task, to_rgb
 from .data.adapters import IMAGE_EXTENSIONS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
+from .precision import PRECISIONS, resolve_precision
 from .train import decode
 from .viz import colorize, palette
 
@@ -70,7 +71,7 @@ class _Images(torch.utils.data.Dataset):
 
 
 def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: int = 16, num_workers: int = 0,
-                  device="cpu", alpha: float = 0.5, names=None):
+                  device="cpu", alpha: float = 0.5, names=None, precision: str = "fp32"):
     """Segment image files; write label, colour and overlay PNGs into `out`. Returns the label paths."""
     out.mkdir(parents=True, exist_ok=True)
     colors = palette(decoder.n_cls)
@@ -79,7 +80,7 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
     written, stems = [], {}
     for batch in tqdm(loader, desc="predict", unit="batch"):
         with torch.no_grad():
-            logits, _ = decode(backbone, decoder, batch["image"].to(device).float() / 255)
+            logits, _ = decode(backbone, decoder, batch["image"].to(device).float() / 255, precision)
         for j, i in enumerate(batch["index"].tolist()):
             H, W = int(batch["height"][j]), int(batch["width"][j])
             label = F.interpolate(logits[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)
@@ -126,12 +127,14 @@ def cmd_predict(args):
             names = list(task.class_names) if task.n_outputs == n_out else None
         except (ValueError, FileNotFoundError, KeyError):
             names = None
+    precision = resolve_precision(args.precision or (params or {}).get("evaluate", {}).get("precision", "auto"),
+                                  device, "--precision / evaluate.precision")
     paths = collect_images(args.images)
-    log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s", len(paths), decoder_path,
-             n_out, arch, patch, size, device)
+    log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s, %s", len(paths), decoder_path,
+             n_out, arch, patch, size, device, precision)
     t0 = time.time()
     written = predict_files(paths, Path(args.out), backbone, decoder, size, args.batch_size, args.num_workers,
-                            device, names=names)
+                            device, names=names, precision=precision)
     log.info("wrote %d label / colour / overlay PNG triples to %s in %.1f s", len(written), args.out,
              time.time() - t0)
 
@@ -153,6 +156,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="fp32 | bf16 | auto = bf16 on a GPU (default: evaluate.precision of params, else auto)")
     args = ap.parse_args(argv)
     try:
         if args.command == "predict":

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import vjp, vmap
 
+from .precision import autocast
+
 
 def cosine_loss_cotangents(z: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """d(1 - cos(z_b, c_k)) / dz_b for every concept: (K, B, D)."""
@@ -32,11 +34,17 @@ def keep_top_mass(g: torch.Tensor, mass: float = 0.8) -> torch.Tensor:
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
 
 
-def attention_gradients(backbone, images: torch.Tensor, centroids: torch.Tensor):
+def attention_gradients(backbone, images: torch.Tensor, centroids: torch.Tensor, precision: str = "fp32"):
     """G (B, K, hw): dL_k/dA at the [CLS] row and patch columns, averaged over heads, for
-    L_k = 1 - cos(z, c_k) of each image; and the head-averaged attention row a (B, hw)."""
+    L_k = 1 - cos(z, c_k) of each image; and the head-averaged attention row a (B, hw).
+
+    precision 'bf16' runs the trunk (every block but the last) in bf16 autocast; the last block, the
+    attention row and its gradient stay in the input's precision (float32)."""
     with torch.no_grad():
-        t, attn_cls, v = backbone.last_block_inputs(images)
+        with autocast(precision, images.device):
+            t = backbone.trunk(images)
+        t = t.to(images.dtype)  # the last block in the input's precision (float32, or float64 in tests)
+        attn_cls, v = backbone.last_block_attention(t)
         z = backbone.cls_from_attention(t, attn_cls, v)
     cotangents = cosine_loss_cotangents(z.float(), centroids.float()).to(z.dtype)
     _, pullback = vjp(lambda a: backbone.cls_from_attention(t, a, v), attn_cls)
@@ -46,7 +54,7 @@ def attention_gradients(backbone, images: torch.Tensor, centroids: torch.Tensor)
 
 
 def pseudo_mask_parts(backbone, images: torch.Tensor, centroids: torch.Tensor, grad_scale: float = 1.0,
-                      mass: float = 0.8):
+                      mass: float = 0.8, precision: str = "fp32"):
     """The two parts of the pseudo maps: the normalised attention a (B, h, w), shared by all concepts,
     and per concept q (B, K, h, w) = the kept part of relu(-G_k), or -1 where G_k > 0.
 
@@ -54,10 +62,10 @@ def pseudo_mask_parts(backbone, images: torch.Tensor, centroids: torch.Tensor, g
     copy of q keeps the relative precision of the gradient term, which is what separates concepts:
     rounding P itself to fp16 would round away differences that are small next to a.
     grad_scale multiplies G (the original code differentiates the loss averaged over its batch, i.e.
-    grad_scale = 1 / published batch size)."""
+    grad_scale = 1 / published batch size). precision: see `attention_gradients`."""
     B, _, H, W = images.shape
     h, w = H // backbone.patch_size, W // backbone.patch_size
-    G, a = attention_gradients(backbone, images, centroids)
+    G, a = attention_gradients(backbone, images, centroids, precision)
     G = G * grad_scale
     a = a / a.amax(dim=1, keepdim=True)
     g = torch.relu(-G)
@@ -73,7 +81,7 @@ def assemble_pseudo_masks(a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def pseudo_masks(backbone, images: torch.Tensor, centroids: torch.Tensor, grad_scale: float = 1.0,
-                 mass: float = 0.8) -> torch.Tensor:
+                 mass: float = 0.8, precision: str = "fp32") -> torch.Tensor:
     """Pseudo maps (B, K, h, w) for normalised images (B, 3, R, R) and concept centres (K, D):
     P_k = a + (top-mass part of relu(-G_k)), zero where G_k > 0."""
-    return assemble_pseudo_masks(*pseudo_mask_parts(backbone, images, centroids, grad_scale, mass))
+    return assemble_pseudo_masks(*pseudo_mask_parts(backbone, images, centroids, grad_scale, mass, precision))

@@ -16,6 +16,7 @@ from .dist import progress
 from .augment import augment, draw_params
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
 from .metrics import confusion_matrix, segmentation_scores
+from .precision import autocast
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +54,33 @@ def param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def decode(backbone, decoder, images_01: torch.Tensor):
-    """Logits at the patch grid (B, C, h, w) and class features for RGB images in [0, 1]."""
+def decode(backbone, decoder, images_01: torch.Tensor, precision: str = "fp32"):
+    """Logits at the patch grid (B, C, h, w) and class features (float32) for RGB images in [0, 1];
+    precision 'bf16': backbone and decoder in bf16 autocast."""
     p = backbone.patch_size
-    patches, _ = encode(backbone, images_01)
-    return decoder(patches, (images_01.shape[-2] // p, images_01.shape[-1] // p))
+    patches, _ = encode(backbone, images_01, precision=precision)
+    with autocast(precision, images_01.device):
+        logits, class_feat = decoder(patches, (images_01.shape[-2] // p, images_01.shape[-1] // p))
+    return logits.float(), class_feat.float()
 
 
 @torch.no_grad()
-def predict(backbone, decoder, images_01: torch.Tensor) -> torch.Tensor:
+def predict(backbone, decoder, images_01: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Per-pixel cluster ids (B, H, W): logits upsampled bilinearly to the image size, argmax."""
-    logits, _ = decode(backbone, decoder, images_01)
+    logits, _ = decode(backbone, decoder, images_01, precision)
     return F.interpolate(logits, size=images_01.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
 
 
 @torch.no_grad()
 def evaluate_loader(backbone, decoder, loader, n_outputs: int, n_classes: int, device, desc: str = "eval",
-                    on_batch=None, with_labels: bool = True) -> np.ndarray:
+                    on_batch=None, with_labels: bool = True, precision: str = "fp32") -> np.ndarray:
     """Cluster x class confusion matrix over a loader of {"image", "label"} batches (all zero when
     with_labels is False); on_batch(batch, prediction) sees every batch."""
     decoder.eval()
     conf = np.zeros((n_outputs, n_classes), dtype=np.int64)
     for batch in progress(loader, desc=desc, leave=False):
         images = batch["image"].to(device).float() / 255
-        pred = predict(backbone, decoder, images)
+        pred = predict(backbone, decoder, images, precision)
         if with_labels:
             conf += confusion_matrix(pred, batch["label"].to(device), n_outputs, n_classes)
         if on_batch is not None:
@@ -97,20 +101,24 @@ class TrainConfig:
     teacher_weight: float = 0.5
     grad_clip: float = 1.0
     seed: int = 0
+    precision: str = "fp32"   # 'bf16': backbone, teacher and student forwards in bf16 autocast
 
 
-def encode(backbone, images_01: torch.Tensor, teacher=None, grid=None):
-    """Frozen patch tokens of a batch, computed once, and the teacher's logits on them (None without one)."""
-    with torch.no_grad():
+def encode(backbone, images_01: torch.Tensor, teacher=None, grid=None, precision: str = "fp32"):
+    """Frozen patch tokens of a batch, computed once, and the teacher's float32 logits on them (None
+    without one). With precision 'bf16' the tokens are bf16."""
+    with torch.no_grad(), autocast(precision, images_01.device):
         patches = backbone(backbone.normalize(images_01))[:, 1:]
-        return patches, (teacher(patches, grid)[0] if teacher is not None else None)
+        return patches, (teacher(patches, grid)[0].float() if teacher is not None else None)
 
 
 def decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only: bool, alpha: float = 0.0,
                  permutation=None):
     """One optimisation step of the decoder on given patch tokens; returns (loss, loss_cat,
     loss_uncertainty, loss_cls_emb)."""
-    logits, class_feat = student(patches, maps.shape[-2:])
+    with autocast(cfg.precision, patches.device):
+        logits, class_feat = student(patches, maps.shape[-2:])
+    logits, class_feat = logits.float(), class_feat.float()  # losses in float32
     target = soft_targets(maps, things_only, teacher_logits, cfg.teacher_weight)
     l_cat = loss_cat(logits, target, alpha, permutation)
     if things_only:
@@ -132,7 +140,7 @@ def train_step(backbone, student, teacher, optimizer, images, maps, cfg, things_
                permutation=None):
     """Augmented images (B, 3, r, r) and maps (B, K, h, h) -> one step; the frozen encoder's features are
     computed once and shared by the student and the teacher (None: no bootstrapping)."""
-    patches, teacher_logits = encode(backbone, images, teacher, maps.shape[-2:])
+    patches, teacher_logits = encode(backbone, images, teacher, maps.shape[-2:], cfg.precision)
     return decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only, alpha, permutation)
 
 
@@ -183,7 +191,8 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
                "bootstrapping": plan.bootstrapping, "handover": plan.handover}
         score = float(epoch)
         if val_loader is not None:
-            conf = dist.all_sum(evaluate_loader(backbone, decoder, val_loader, decoder.n_cls, n_classes, device, "val"))
+            conf = dist.all_sum(evaluate_loader(backbone, decoder, val_loader, decoder.n_cls, n_classes, device, "val",
+                                                precision=cfg.precision))
             s = segmentation_scores(conf)
             row.update(val_miou=s["miou"], val_pixel_accuracy=s["pixel_accuracy"])
             score = s["miou"] + s["pixel_accuracy"]

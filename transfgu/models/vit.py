@@ -90,21 +90,31 @@ class DinoViT(nn.Module):
             t = blk(t)
         return self.vit.norm(t)
 
-    def last_block_inputs(self, x: torch.Tensor):
-        """Tokens entering the last block, plus that block's [CLS]-row attention and values.
-
-        Returns (t, attn_cls, v): t (B, N, D), attn_cls (B, heads, N) softmax weights of the [CLS]
-        query over all N tokens, v (B, heads, N, head_dim)."""
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Tokens entering the last block (B, N, D): every block but the last, fused attention."""
         t = self.tokens(x)
         for blk in self.vit.blocks[:-1]:
             t = blk(t)
+        return t
+
+    def last_block_attention(self, t: torch.Tensor):
+        """The last block's [CLS]-row attention and values for the tokens t (B, N, D) entering it.
+
+        Returns (attn_cls, v): attn_cls (B, heads, N) softmax weights of the [CLS] query over all N
+        tokens, v (B, heads, N, head_dim)."""
         attn = self.vit.blocks[-1].attn
         B, N, D = t.shape
         qkv = attn.qkv(self.vit.blocks[-1].norm1(t)).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         q_cls = q[:, :, :1] * attn.scale
         attn_cls = (q_cls @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]
-        return t, attn_cls, v
+        return attn_cls, v
+
+    def last_block_inputs(self, x: torch.Tensor):
+        """Tokens entering the last block, plus that block's [CLS]-row attention and values:
+        (t, attn_cls, v) as in `trunk` and `last_block_attention`."""
+        t = self.trunk(x)
+        return (t, *self.last_block_attention(t))
 
     def cls_from_attention(self, t: torch.Tensor, attn_cls: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Final normed [CLS] token (B, D) as a function of the last block's [CLS] attention row."""
