@@ -272,7 +272,7 @@ def bench_load(kind):
     return run
 
 
-def bench_cluster(s, device, repeats, niter=None):
+def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     """k-means with the backend the cluster stage picks (cluster.backend auto: faiss with a GPU index when
     faiss-gpu sees one, else torch on the bench device when torch sees CUDA, else faiss on the CPUs).
     Baseline: faiss on the CPUs when the new path is torch, else scikit-learn. Above 1M vectors scikit-learn
@@ -283,8 +283,8 @@ def bench_cluster(s, device, repeats, niter=None):
 
     from transfgu.cluster import describe_backend, gpu_available, kmeans, resolve_backend
     n, d, k, default_iter = s["cluster"]
-    niter = niter or default_iter
-    backend = resolve_backend("auto")
+    n, niter = vectors or n, niter or default_iter
+    backend = resolve_backend(backend)
     x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
     kmeans(x[:4 * k], k, niter=1, seed=0, backend=backend, device=device)  # warm-up (CUDA context, cuBLAS)
     t0 = time.perf_counter()
@@ -320,6 +320,9 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", choices=sorted(STAGES), default=list(STAGES))
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--cluster-niter", type=int, default=None, help="k-means iterations (default: 100, quick: 10)")
+    ap.add_argument("--cluster-backend", choices=["auto", "faiss", "torch"], default="auto",
+                    help="k-means backend timed (torch is compared with faiss-cpu)")
+    ap.add_argument("--cluster-vectors", type=int, default=None, help="k-means vectors (default: 5M, quick: 20k)")
     args = ap.parse_args(argv)
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     sizes = SIZES["quick" if args.quick else "full"]
@@ -329,7 +332,8 @@ def main(argv=None):
     for stage in args.stages:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        extra_args = {"niter": args.cluster_niter} if stage == "cluster" else {}
+        extra_args = {"niter": args.cluster_niter, "backend": args.cluster_backend,
+                      "vectors": args.cluster_vectors} if stage == "cluster" else {}
         new, old, extra = STAGES[stage](sizes, device, repeats, **extra_args)
         print(json.dumps({"stage": stage, "img_per_s": round(new, 2),
                           "baseline_img_per_s": round(old, 2) if old else None,

@@ -16,3 +16,14 @@ def test_quick_benchmark_prints_one_json_line_per_stage():
         assert {"img_per_s", "baseline_img_per_s", "speedup", "peak_mem_mb", "device"} <= r.keys()
         assert r["img_per_s"] > 0 and r["baseline_img_per_s"] > 0
         assert abs(r["speedup"] - r["img_per_s"] / r["baseline_img_per_s"]) < 0.01 * r["speedup"] + 0.01
+
+
+def test_quick_benchmark_reports_storage_loading_and_cluster_backend():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
+                          "--stages", "pseudo171_bf16", "load_train", "cluster", "--cluster-backend", "torch"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = {r["stage"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert rows["pseudo171_bf16"]["precision"] == "bf16" and rows["pseudo171_bf16"]["concepts"] == 171
+    assert 0 < rows["pseudo171_bf16"]["stored_mb_per_image"] < 1
+    assert rows["load_train"]["workers"] == 2 and rows["load_train"]["img_per_s"] > 0
+    assert rows["cluster"]["backend"] == "torch on cpu" and rows["cluster"]["baseline"] == "faiss-cpu"
