@@ -38,7 +38,7 @@ from transfgu.cluster import kmeans  # noqa: E402
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, select_crops  # noqa: E402
 from transfgu.data import SplitDataset  # noqa: E402
 from transfgu.data.synthetic import generate_scene  # noqa: E402
-from transfgu.io import merge_batches, write_batch  # noqa: E402
+from transfgu.io import ShardWriter, merge_batches, write_batch  # noqa: E402
 from transfgu.models.decoder import build_decoder  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
 from transfgu.precision import resolve_precision  # noqa: E402
@@ -150,9 +150,8 @@ def stored_mb_per_image(a, q) -> float:
     """Size on disk of pseudo-mask parts written the way the pseudo stage writes them, per image."""
     with tempfile.TemporaryDirectory() as tmp:
         shard, out = Path(tmp) / "shard.h5", Path(tmp) / "masks.h5"
-        with h5py.File(shard, "w") as h5:
-            write_batch(h5, 0, {"attention": a.cpu().numpy().astype(np.float32),
-                                "gradient": q.cpu().numpy().astype(np.float16)})
+        with ShardWriter(shard, packed=["gradient"]) as w:
+            w.write(0, {"attention": a.float().cpu().numpy(), "gradient": q.half().cpu().numpy()})
         with h5py.File(out, "w") as h5:
             merge_batches([shard], 1, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
         return out.stat().st_size / 2 ** 20 / len(a)
@@ -213,6 +212,40 @@ def bench_evaluate(s, device, repeats):
     old = timeit(lambda: predict(backbone, decoder, images), device, repeats)
     fused(backbone)
     return len(images) / new, len(images) / old, {"precision": auto(device)}
+
+
+def bench_pseudo_write(s, device, repeats):
+    """Writing 171-concept pseudo masks (40 x 40 at R = 320) batch by batch and assembling the final file:
+    rows packed by a thread pool as they come and copied chunk by chunk (ShardWriter), against raw shards
+    compressed by one thread at the merge. Host work only; sparsity like the stage's (half -1, a fifth 0)."""
+    K, h = (171, s["R"] // 8) if s is SIZES["full"] else (16, 4)
+    n_batches, B = 8, 32
+    gen = np.random.default_rng(0)
+    g = gen.random((B, K, h, h))
+    batch = {"attention": gen.random((B, h, h)).astype(np.float32),
+             "gradient": np.where(g < 0.5, -1.0, np.where(g < 0.7, 0.0, g * 1e-3)).astype(np.float16)}
+
+    def run(packed):
+        with tempfile.TemporaryDirectory() as tmp:
+            shard, out = Path(tmp) / "shard.h5", Path(tmp) / "out.h5"
+            if packed:
+                with ShardWriter(shard, packed=["gradient"]) as w:
+                    for b in range(n_batches):
+                        w.write(b, batch)
+            else:
+                with h5py.File(shard, "w") as h5:
+                    for b in range(n_batches):
+                        write_batch(h5, b, batch)
+            with h5py.File(out, "w") as h5:
+                merge_batches([shard], n_batches, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+            return out.stat().st_size
+
+    size = run(True)
+    n = n_batches * B
+    new = timeit(lambda: run(True), torch.device("cpu"), max(repeats // 2, 1))
+    old = timeit(lambda: run(False), torch.device("cpu"), max(repeats // 2, 1))
+    return n / new, n / old, {"concepts": K, "maps": f"{h}x{h}", "stored_mb_per_image": round(size / 2 ** 20 / n, 4),
+                              "threads": min(8, os.cpu_count() or 1)}
 
 
 # -- data loading -------------------------------------------------------------------------------------
@@ -310,7 +343,7 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
 
 STAGES = {"extract": bench_extract, "pseudo27": bench_pseudo(27), "pseudo171": bench_pseudo(171),
           "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
-          "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
+          "pseudo_write": bench_pseudo_write, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
           "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train")}
 
 

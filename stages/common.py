@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 import yaml
@@ -21,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 from transfgu import dist  # noqa: E402
 from transfgu.dist import progress  # noqa: E402
-from transfgu.io import write_batch  # noqa: E402
+from transfgu.io import ShardWriter  # noqa: E402
 from transfgu.data import published_pseudo_batch, resolve_task, things_only  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
 from transfgu.precision import resolve_precision  # noqa: E402
@@ -140,16 +139,16 @@ class BatchShards:
     """This rank's batches of a split (every world-th one) and the shard file their results go to, in a
     folder shared by all ranks; rank 0 then assembles the shards (transfgu.io.merge_batches)."""
 
-    def __init__(self, final: Path, dataset, batch_size: int, num_workers: int):
-        self.dir = shard_dir(final)
+    def __init__(self, final: Path, dataset, batch_size: int, num_workers: int, packed=()):
+        self.dir, self.packed = shard_dir(final), packed
         self.n_batches = dist.n_batches(len(dataset), batch_size)
         self.ids, self.loader = my_loader(dataset, batch_size, num_workers)
 
     def batches(self, desc: str):
         """Yield (batch, save): save(arrays) stores that batch's results. Ends when every rank is done."""
-        with h5py.File(self.dir / f"rank{dist.rank()}.h5", "w") as shard:
+        with ShardWriter(self.dir / f"rank{dist.rank()}.h5", self.packed) as shard:
             for b, batch in zip(self.ids, progress(self.loader, desc=desc)):
-                yield batch, partial(write_batch, shard, b)
+                yield batch, partial(shard.write, b)
         dist.barrier()
 
     def paths(self) -> list:

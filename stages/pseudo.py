@@ -44,12 +44,13 @@ def main():
     n_classes = len(task.class_names)
     conf = np.zeros((task.n_outputs, n_classes), dtype=np.int64)
     agree = np.zeros(2, dtype=np.int64)  # labels equal after float16 storage, labels
-    shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"))
+    shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"),
+                         packed=["gradient"])  # compressed by threads while the device computes the next batch
     with timed("pseudo"):
         for batch, save in shards.batches("pseudo"):
             images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
             a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]), precision)
-            save({"attention": a.cpu().numpy().astype(np.float32), "gradient": q.cpu().numpy().astype(np.float16)})
+            save({"attention": a.float().cpu().numpy(), "gradient": q.half().cpu().numpy()})  # fp16 on the device
             targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
             labels = targets.argmax(1)
             stored16 = soft_targets(assemble_pseudo_masks(a, q.half()), task.things_only).argmax(1)
