@@ -214,16 +214,22 @@ def bench_evaluate(s, device, repeats):
     return len(images) / new, len(images) / old, {"precision": auto(device)}
 
 
+def fake_pseudo_parts(n: int, K: int, h: int, seed: int = 0) -> dict:
+    """Pseudo-mask parts of n images shaped and as sparse as the stage's: gradient about half -1, a fifth 0,
+    the rest small positive float16; attention float32 in [0, 1)."""
+    rng = np.random.default_rng(seed)
+    g = rng.random((n, K, h, h))
+    return {"attention": rng.random((n, h, h)).astype(np.float32),
+            "gradient": np.where(g < 0.5, -1.0, np.where(g < 0.7, 0.0, g * 1e-3)).astype(np.float16)}
+
+
 def bench_pseudo_write(s, device, repeats):
     """Writing 171-concept pseudo masks (40 x 40 at R = 320) batch by batch and assembling the final file:
     rows packed by a thread pool as they come and copied chunk by chunk (ShardWriter), against raw shards
     compressed by one thread at the merge. Host work only; sparsity like the stage's (half -1, a fifth 0)."""
     K, h = (171, s["R"] // 8) if s is SIZES["full"] else (16, 4)
     n_batches, B = 8, 32
-    gen = np.random.default_rng(0)
-    g = gen.random((B, K, h, h))
-    batch = {"attention": gen.random((B, h, h)).astype(np.float32),
-             "gradient": np.where(g < 0.5, -1.0, np.where(g < 0.7, 0.0, g * 1e-3)).astype(np.float16)}
+    batch = fake_pseudo_parts(B, K, h)
 
     def run(packed):
         with tempfile.TemporaryDirectory() as tmp:
@@ -288,12 +294,8 @@ def bench_load(kind):
             if kind == "train":
                 maps = tmp / "pseudo_masks.h5"
                 K, h = (171 if s is SIZES["full"] else 16), s["R"] // 8
-                gen = torch.Generator().manual_seed(0)
-                a = torch.rand(len(index["splits"]["train"]), h, h, generator=gen)
-                g = torch.rand(len(a), K, h, h, generator=gen)  # ~ the stage's sparsity: half -1, a third kept
-                q = torch.where(g < 0.5, -1.0, torch.where(g < 0.67, 0.0, g * 1e-3))
                 with h5py.File(tmp / "shard.h5", "w") as h5:
-                    write_batch(h5, 0, {"attention": a.numpy(), "gradient": q.numpy().astype(np.float16)})
+                    write_batch(h5, 0, fake_pseudo_parts(len(index["splits"]["train"]), K, h))
                 with h5py.File(maps, "w") as h5:
                     merge_batches([tmp / "shard.h5"], 1, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
             data = SplitDataset(index, "train", size, maps_path=maps)

@@ -50,10 +50,11 @@ def main():
         for batch, save in shards.batches("pseudo"):
             images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
             a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]), precision)
-            save({"attention": a.float().cpu().numpy(), "gradient": q.half().cpu().numpy()})  # fp16 on the device
+            q16 = q.half()  # what is stored, cast on the device
+            save({"attention": a.float().cpu().numpy(), "gradient": q16.cpu().numpy()})
             targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
             labels = targets.argmax(1)
-            stored16 = soft_targets(assemble_pseudo_masks(a, q.half()), task.things_only).argmax(1)
+            stored16 = soft_targets(assemble_pseudo_masks(a, q16), task.things_only).argmax(1)
             agree += [int((stored16 == labels).sum()), labels.numel()]
             if labelled:
                 up = F.interpolate(targets, size=(R, R), mode="bilinear", align_corners=False).argmax(1)
