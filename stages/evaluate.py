@@ -22,7 +22,7 @@ from transfgu import dist
 from transfgu.baselines import patch_kmeans_confusion
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, read_json, write_json
-from transfgu.metrics import segmentation_scores
+from transfgu.metrics import miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.train import evaluate_loader
 from transfgu.viz import comparison_picture, palette
@@ -95,7 +95,7 @@ def main(args=None):
         s = segmentation_scores(conf)
         mapping = s["mapping"]
         metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "n_images": len(data),
-                   "n_classes": len(names)}
+                   "n_classes": len(names), **miou_by_kind(s["per_class_iou"], task.class_kinds)}
         if args.decoder is None and PSEUDO_METRICS.is_file():  # the pseudo masks' own quality, beside the result
             metrics.update({k: v for k, v in read_json(PSEUDO_METRICS).items() if k.startswith("pseudo_")})
         if cfg.get("patch_kmeans_baseline", True):  # the bottom-up reference: k-means of the same patch tokens

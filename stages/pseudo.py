@@ -16,7 +16,7 @@ from transfgu import dist
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids, write_json
 from transfgu.losses import soft_targets
-from transfgu.metrics import confusion_matrix, segmentation_scores
+from transfgu.metrics import confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
 
 
@@ -44,6 +44,10 @@ def main():
     n_classes = len(task.class_names)
     conf = np.zeros((task.n_outputs, n_classes), dtype=np.int64)
     agree = np.zeros(2, dtype=np.int64)  # labels equal after float16 storage, labels
+    # Does the [CLS] attention find the things? The rule that picks thing crops in `extract` (attention above
+    # its mean), applied to this forward at R: thing pixels in the foreground vs in the whole image.
+    thing_ids = [c for c, kind in enumerate(task.class_kinds) if kind == "thing"]
+    fg_things = np.zeros(4, dtype=np.int64)
     shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"),
                          packed=["gradient"])  # compressed by threads while the device computes the next batch
     with timed("pseudo"):
@@ -59,7 +63,10 @@ def main():
             if labelled:
                 up = F.interpolate(targets, size=(R, R), mode="bilinear", align_corners=False).argmax(1)
                 conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
-        conf, agree = dist.all_sum(conf), dist.all_sum(agree)
+                if thing_ids:
+                    fg_things += foreground_thing_counts(a > a.mean(dim=(1, 2), keepdim=True),
+                                                         batch["label"].to(dev), thing_ids, n_classes)
+        conf, agree, fg_things = dist.all_sum(conf), dist.all_sum(agree), dist.all_sum(fg_things)
         if dist.is_main():
             with atomic_output(PSEUDO_MASKS) as tmp, h5py.File(tmp, "w") as h5:
                 merge_batches(shards.paths(), shards.n_batches, h5, {"attention": 1, "gradient": 1},
@@ -71,6 +78,11 @@ def main():
             if labelled:
                 s = segmentation_scores(conf)
                 metrics.update(pseudo_miou=s["miou"], pseudo_pixel_accuracy=s["pixel_accuracy"])
+                by_kind = miou_by_kind(s["per_class_iou"], task.class_kinds)  # miou_things, miou_stuff
+                metrics.update({f"pseudo_{k}": v for k, v in by_kind.items()})
+                if thing_ids and fg_things[1] and fg_things[3]:
+                    metrics.update(attention_foreground_thing_share=100 * int(fg_things[0]) / int(fg_things[1]),
+                                   thing_share=100 * int(fg_things[2]) / int(fg_things[3]))
             write_json(PSEUDO_METRICS, metrics)
             log.info("wrote %s (%.1f MB, %.3f MB per image) and %s: %s", PSEUDO_MASKS, size_mb(PSEUDO_MASKS),
                      size_mb(PSEUDO_MASKS) / max(len(data), 1), PSEUDO_METRICS, metrics)

@@ -150,12 +150,19 @@ def test_task_matches_method(tree, name, g, k_t, k_s, only, n_classes, n_outputs
     assert task.n_outputs == n_outputs
     if only and name != "cityscapes":
         assert task.class_names[0] == "background"
+    # things first, then stuff; background first; Cityscapes not split (no miou_things / miou_stuff)
+    expected = {False: ("thing",) * k_t + ("stuff",) * k_s, True: ("background",) + ("thing",) * (n_classes - 1)}
+    assert task.class_kinds == (() if name == "cityscapes" else expected[only])
 
 
 def test_class_names():
     assert list(resolve_task(dataset_cfg("cocostuff", "x"), 27).class_names) == [n for n, _ in COCO27]
     c171 = resolve_task(dataset_cfg("cocostuff", "x"), 171).class_names
     assert (c171[0], c171[79], c171[80], c171[170]) == ("person", "toothbrush", "banner", "wood")
+    kinds27 = dict(zip(*(getattr(resolve_task(dataset_cfg("cocostuff", "x"), 27), a)
+                         for a in ("class_names", "class_kinds"))))
+    assert (kinds27["vehicle"], kinds27["person"], kinds27["ceiling"], kinds27["water"]) == (
+        "thing", "thing", "stuff", "stuff")
     c80 = resolve_task(dataset_cfg("coco80", "x"), 80).class_names
     assert (c80[0], c80[1], c80[80]) == ("background", "person", "toothbrush")
     cs = resolve_task(dataset_cfg("cityscapes", "x"), 27).class_names
@@ -220,6 +227,7 @@ def test_folder_with_classes_yaml(tree, kinds, g, names, only, n_outputs, remap)
     assert (task.n_things, task.n_stuff, task.things_only, task.n_outputs) == (
         kinds.count("thing"), kinds.count("stuff"), only, n_outputs)
     assert things_only(cfg) is only
+    assert task.class_kinds == tuple(kinds[raw] for raw in sorted(remap, key=remap.get))  # in class order
     table = np.full(256, BAD)
     table[list(remap)] = list(remap.values())
     table[IGN] = IGN

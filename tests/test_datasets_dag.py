@@ -129,6 +129,12 @@ def test_pipeline_on_labelled_dataset(tmp_path, monkeypatch, stage_modules, name
     assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["pixel_accuracy"] <= 100
     assert metrics["n_classes"] == len(task.class_names)
     assert metrics["n_images"] == len(index["splits"]["val"])
+    split = ("thing" in task.class_kinds, "stuff" in task.class_kinds)  # things-only sets are not split
+    assert ("miou_things" in metrics, "miou_stuff" in metrics) == split
+    assert ("pseudo_miou_things" in pseudo, "pseudo_miou_stuff" in pseudo) == split
+    assert all(0 <= metrics[k] <= 100 for k in ("miou_things", "miou_stuff") if k in metrics)
+    shares = ("attention_foreground_thing_share", "thing_share")  # the attention's thing pixels vs the images'
+    assert all((k in pseudo) == split[0] and 0 <= pseudo.get(k, 0) <= 100 for k in shares)
 
 
 def test_pipeline_on_unlabelled_folder(tmp_path, monkeypatch, stage_modules):

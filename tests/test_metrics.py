@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from transfgu.metrics import confusion_matrix, hungarian_match, matched_confusion, segmentation_scores
+from transfgu.metrics import (confusion_matrix, foreground_thing_counts, hungarian_match, matched_confusion,
+                              miou_by_kind, segmentation_scores)
 
 
 def test_confusion_matrix_matches_loop_and_ignores_out_of_range_labels():
@@ -87,3 +88,33 @@ def test_class_with_gt_but_no_prediction_counts_as_zero():
     assert s["per_class_iou"] == pytest.approx([75.0, 0.0, 100 * 4 / 6])
     assert s["miou"] == pytest.approx(100 * (0.75 + 0 + 4 / 6) / 3)
     assert s["pixel_accuracy"] == pytest.approx(70.0)
+
+
+def test_miou_by_kind():
+    """Means over the thing and the stuff classes apart; classes without an IoU (None) and background left out."""
+    iou = [10.0, None, 30.0, 50.0, 70.0, 100.0]
+    kinds = ("background", "thing", "thing", "stuff", "stuff", "thing")
+    assert miou_by_kind(iou, kinds) == {"miou_things": 65.0, "miou_stuff": 60.0}
+    assert miou_by_kind(iou, ()) == {}
+    assert miou_by_kind([None, 4.0], ("thing", "thing")) == {"miou_things": 4.0}
+    with pytest.raises(ValueError, match="2 class kinds for 3 classes"):
+        miou_by_kind([1.0, 2.0, 3.0], ("thing", "stuff"))
+
+
+def test_foreground_thing_counts_matches_pixel_loop():
+    """Each pixel takes its patch's foreground flag; ignored labels (255, -1) count nowhere."""
+    g = torch.Generator().manual_seed(1)
+    fg = torch.rand(2, 3, 4, generator=g) > 0.5
+    label = torch.randint(0, 5, (2, 12, 16), generator=g)
+    label[0, :3, :5] = 255
+    label[1, 7] = -1
+    counts = foreground_thing_counts(fg, label, thing_ids=[0, 3], n_classes=5)
+    ref = np.zeros(4, dtype=np.int64)
+    for b in range(2):
+        for y in range(12):
+            for x in range(16):
+                lab, f = int(label[b, y, x]), bool(fg[b, y // 4, x // 4])
+                if 0 <= lab < 5:
+                    ref += [f and lab in (0, 3), f, lab in (0, 3), 1]
+    assert counts.tolist() == ref.tolist()
+    assert counts[3] == 2 * 12 * 16 - 15 - 16

@@ -54,3 +54,35 @@ def segmentation_scores(conf: np.ndarray) -> dict:
         "mapping": mapping,
         "matched_confusion": matched,
     }
+
+
+def miou_by_kind(per_class_iou, kinds) -> dict:
+    """mIoU (percent) over the thing classes and over the stuff classes separately: {'miou_things',
+    'miou_stuff'}, each the mean of the classes of that kind with an IoU (present in the ground truth or the
+    prediction). `kinds` gives each class's kind ('thing', 'stuff', 'background'); background is in neither.
+    Empty when `kinds` is empty (a dataset that does not split its classes into things and stuff)."""
+    if not kinds:
+        return {}
+    if len(kinds) != len(per_class_iou):
+        raise ValueError(f"{len(kinds)} class kinds for {len(per_class_iou)} classes")
+    out = {}
+    for kind, key in (("thing", "miou_things"), ("stuff", "miou_stuff")):
+        values = [v for v, k in zip(per_class_iou, kinds) if k == kind and v is not None]
+        if values:
+            out[key] = float(np.mean(values))
+    return out
+
+
+def foreground_thing_counts(foreground: torch.Tensor, label: torch.Tensor, thing_ids, n_classes: int) -> np.ndarray:
+    """How much of an attention foreground is things: counts [thing pixels in the foreground, labelled pixels
+    in the foreground, thing pixels, labelled pixels] for a patch-level mask `foreground` (B, h, w) and class
+    labels (B, H, W), H and W multiples of h and w; labels outside [0, n_classes) are left out, like in
+    `confusion_matrix`."""
+    B, h, w = foreground.shape
+    H, W = label.shape[1:]
+    fg = foreground[:, :, None, :, None].expand(B, h, H // h, w, W // w).reshape(B, H, W)
+    label = label.long()
+    valid = (label >= 0) & (label < n_classes)
+    thing = valid & torch.isin(label, torch.as_tensor(list(thing_ids), dtype=torch.long, device=label.device))
+    return np.array([int((thing & fg).sum()), int((valid & fg).sum()), int(thing.sum()), int(valid.sum())],
+                    dtype=np.int64)

@@ -25,6 +25,7 @@ class Task:
     things_only: bool
     class_names: tuple
     label_lut: np.ndarray | None = field(repr=False, default=None)  # raw value -> class, IGNORE, INVALID
+    class_kinds: tuple = ()  # per class 'thing' / 'stuff' / 'background'; empty where the data does not say
 
     @property
     def n_concepts(self) -> int:
@@ -128,7 +129,15 @@ def resolve_task(cfg: dict, granularity: int) -> Task:
         raise ValueError(f"granularity: {granularity} is not valid for dataset '{name}'. Valid: {valid_pairs()}")
     n_things, n_stuff = spec.granularities[granularity]
     names, lut = spec.classes(granularity)
-    return Task(name, granularity, n_things, n_stuff, spec.things_only, tuple(names), lut)
+    # Things first, then stuff (COCO-Stuff, synthetic); things-only sets with a background class put it first
+    # (VOC, COCO-80, LIP); Cityscapes' 27 classes are all concepts of a things-only run: not split.
+    if not spec.things_only:
+        kinds = ("thing",) * n_things + ("stuff",) * n_stuff
+    elif names[0] == "background":
+        kinds = ("background",) + ("thing",) * (len(names) - 1)
+    else:
+        kinds = ()
+    return Task(name, granularity, n_things, n_stuff, spec.things_only, tuple(names), lut, kinds)
 
 
 def _folder_task(cfg: dict, granularity: int) -> Task:
@@ -146,7 +155,7 @@ def _folder_task(cfg: dict, granularity: int) -> Task:
             order = [bg] + [i for i in order if i != bg]
         lut = labels.lut_from({raw: order.index(raw) for raw in range(len(names))})
         return Task(FOLDER, granularity, n_things, n_stuff, "background" in kinds,
-                    tuple(names[i] for i in order), lut)
+                    tuple(names[i] for i in order), lut, tuple(kinds[i] for i in order))
     if (Path(cfg["root"]) / "labels").is_dir():
         raise ValueError(f"{Path(cfg['root']) / 'labels'} exists but {Path(cfg['root']) / 'classes.yaml'} does "
                          f"not: labels need the class list (README, 'Your own images')")
