@@ -83,6 +83,15 @@ def test_every_fine_class_appears():
     assert seen.all(), [FINE_CLASS_NAMES[i] for i in np.flatnonzero(~seen)]
 
 
+def test_things_are_a_third_of_the_pixels_and_in_every_scene():
+    """Objects large enough to fill the smallest crop window (0.2 of the side) and to span several patches:
+    things cover 25-45 % of all pixels, at least 5 % of every scene."""
+    labels = np.stack([label for _, label in _scenes(2, 100, size=64)])
+    per_scene = (labels < N_THING).mean(axis=(1, 2))
+    assert 0.25 < per_scene.mean() < 0.45, per_scene.mean()
+    assert per_scene.min() > 0.05, per_scene.min()
+
+
 def test_colour_alone_is_not_sufficient():
     train_rgb, train_lab = _pixels(_scenes(10, 40))
     test_rgb, test_lab = _pixels(_scenes(11, 40))
