@@ -183,7 +183,7 @@ class MultiCrop:
             img = where(blur, gaussian_blur3(img, sigma), img)
         if solar.any():
             img = where(solar, solarize(img), img)
-        return img
+        return img.clamp_(0, 1)  # resampling and blur are convex but round: 1 + 1e-7 happens
 
 
 # -- loss -------------------------------------------------------------------------------------------
