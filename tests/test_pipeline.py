@@ -86,6 +86,29 @@ def test_repro_runs_every_stage_and_reports_metrics(project):
     assert len(per_class) == 1 + 6
 
 
+def test_thing_stuff_split_of_the_scores(project):
+    """miou_things / miou_stuff average the per-class IoUs of the three thing and three stuff classes; the pseudo
+    stage's thing_share is the share of thing pixels in the train labels at R."""
+    import numpy as np
+    from transfgu.data import load_label, resolve_task
+
+    root, _ = project
+    metrics = read_metrics(root)
+    rows = [line.split(",") for line in (root / "outputs" / "per_class_iou.csv").read_text().splitlines()[1:]]
+    iou = [float(v) if v else None for _, v in rows]
+    for key, part in (("miou_things", iou[:3]), ("miou_stuff", iou[3:])):
+        present = [v for v in part if v is not None]
+        assert metrics[key] == pytest.approx(sum(present) / len(present), abs=1e-3)  # the csv rounds to 1e-4
+    pseudo = json.loads((root / "outputs" / "pseudo_metrics.json").read_text())
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    task = resolve_task(params["dataset"], params["granularity"])
+    labels = np.stack([load_label(path, params["dataset"]["R"], task.label_lut).numpy()
+                       for path in sorted((root / "data" / "synthetic" / "labels" / "train").glob("*.png"))])
+    assert pseudo["thing_share"] == pytest.approx(100 * (labels < 3).mean(), abs=1e-9)
+    assert 0 <= pseudo["attention_foreground_thing_share"] <= 100
+    assert pseudo["pseudo_miou_things"] <= 100 and metrics["pseudo_miou_stuff"] == pseudo["pseudo_miou_stuff"]
+
+
 def test_rerun_gives_identical_results(project):
     """Same params and seed on the same machine: the same centroids, decoder weights and metrics."""
     root, _ = project
