@@ -6,7 +6,6 @@ order (the same file whatever the number of processes); the confusion matrix is 
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, BatchShards, backbone_of, device, grad_scale_of,
@@ -16,7 +15,8 @@ from transfgu import dist
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids, write_json
 from transfgu.losses import soft_targets
-from transfgu.metrics import confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores
+from transfgu.metrics import (confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores,
+                              upsample_argmax)
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
 
 
@@ -61,7 +61,7 @@ def main():
             stored16 = soft_targets(assemble_pseudo_masks(a, q16), task.things_only).argmax(1)
             agree += [int((stored16 == labels).sum()), labels.numel()]
             if labelled:
-                up = F.interpolate(targets, size=(R, R), mode="bilinear", align_corners=False).argmax(1)
+                up = upsample_argmax(targets, (R, R))
                 conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
                 if thing_ids:
                     fg_things += foreground_thing_counts(a > a.mean(dim=(1, 2), keepdim=True),

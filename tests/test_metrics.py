@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from transfgu.metrics import (confusion_matrix, foreground_thing_counts, hungarian_match, matched_confusion,
-                              miou_by_kind, segmentation_scores)
+                              miou_by_kind, segmentation_scores, upsample_argmax)
 
 
 def test_confusion_matrix_matches_loop_and_ignores_out_of_range_labels():
@@ -118,3 +118,13 @@ def test_foreground_thing_counts_matches_pixel_loop():
                     ref += [f and lab in (0, 3), f, lab in (0, 3), 1]
     assert counts.tolist() == ref.tolist()
     assert counts[3] == 2 * 12 * 16 - 15 - 16
+
+
+@pytest.mark.parametrize("max_elements", [1, 3 * 5 * 12 * 16, 10 ** 9])
+def test_upsample_argmax_in_chunks_equals_one_call(max_elements):
+    """Any chunking (one image at a time, 3 images, all at once) gives the argmax of one bilinear upsampling."""
+    scores = torch.randn(7, 5, 3, 4, generator=torch.Generator().manual_seed(2))
+    ref = torch.nn.functional.interpolate(scores, size=(12, 16), mode="bilinear", align_corners=False).argmax(1)
+    out = upsample_argmax(scores, (12, 16), max_elements)
+    assert out.shape == (7, 12, 16) and torch.equal(out, ref)
+    assert upsample_argmax(scores[:0], (12, 16)).shape == (0, 12, 16)

@@ -9,13 +9,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import dist
 from .dist import progress
 from .augment import augment, draw_params
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
-from .metrics import confusion_matrix, segmentation_scores
+from .metrics import confusion_matrix, segmentation_scores, upsample_argmax
 from .precision import autocast
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ def decode(backbone, decoder, images_01: torch.Tensor, precision: str = "fp32"):
 def predict(backbone, decoder, images_01: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
     """Per-pixel cluster ids (B, H, W): logits upsampled bilinearly to the image size, argmax."""
     logits, _ = decode(backbone, decoder, images_01, precision)
-    return F.interpolate(logits, size=images_01.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+    return upsample_argmax(logits, images_01.shape[-2:])
 
 
 @torch.no_grad()
