@@ -12,6 +12,7 @@ from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, BatchShards,
                     log, precision_of, setup, size_mb, task_of, timed, workers_of)
 
 from transfgu import dist
+from transfgu.crops import attention_foreground
 from transfgu.data import SplitDataset
 from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids, write_json
 from transfgu.losses import soft_targets
@@ -64,8 +65,8 @@ def main():
                 up = upsample_argmax(targets, (R, R))
                 conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
                 if thing_ids:
-                    fg_things += foreground_thing_counts(a > a.mean(dim=(1, 2), keepdim=True),
-                                                         batch["label"].to(dev), thing_ids, n_classes)
+                    fg_things += foreground_thing_counts(attention_foreground(a), batch["label"].to(dev), thing_ids,
+                                                         n_classes)
         conf, agree, fg_things = dist.all_sum(conf), dist.all_sum(agree), dist.all_sum(fg_things)
         if dist.is_main():
             with atomic_output(PSEUDO_MASKS) as tmp, h5py.File(tmp, "w") as h5:

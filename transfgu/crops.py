@@ -44,14 +44,19 @@ def window_fractions(mask: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     return total / ((y1 - y0) * (x1 - x0)).float()
 
 
+def attention_foreground(cls_attention: torch.Tensor) -> torch.Tensor:
+    """Foreground patches of [CLS] attention maps (B, G, G): attention above the map's own mean."""
+    return cls_attention > cls_attention.mean(dim=(1, 2), keepdim=True)
+
+
 def select_crops(cls_attention: torch.Tensor, windows: torch.Tensor, thing_fraction: float = 0.5,
                  stuff_fraction: float = 0.8):
     """Thing / stuff windows from the [CLS] attention map (B, G, G).
 
-    Foreground = attention above the map's own mean. A window is a thing crop when its foreground
-    fraction is > thing_fraction, a stuff crop when its background fraction is > stuff_fraction.
+    Foreground = `attention_foreground`. A window is a thing crop when its foreground fraction is
+    > thing_fraction, a stuff crop when its background fraction is > stuff_fraction.
     Returns two bool tensors (B, W)."""
-    fg = cls_attention > cls_attention.mean(dim=(1, 2), keepdim=True)
+    fg = attention_foreground(cls_attention)
     frac = window_fractions(fg, windows)
     return frac > thing_fraction, (1 - frac) > stuff_fraction
 
