@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,19 +30,18 @@ from PIL import Image
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from transfgu.augment import augment, draw_params  # noqa: E402
-from transfgu.cluster import kmeans  # noqa: E402
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, select_crops  # noqa: E402
-from transfgu.data import SplitDataset  # noqa: E402
+from transfgu.data.dataset import SplitDataset  # noqa: E402
 from transfgu.data.synthetic import generate_scene  # noqa: E402
-from transfgu.io import ShardWriter, merge_batches, write_batch  # noqa: E402
+from transfgu.shards import ShardWriter, merge_batches, write_batch  # noqa: E402
 from transfgu.models.decoder import build_decoder  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
 from transfgu.precision import resolve_precision  # noqa: E402
 from transfgu.pseudo import pseudo_mask_parts, pseudo_masks  # noqa: E402
-from transfgu.train import TrainConfig, decoder_step, encode, predict, train_step  # noqa: E402
+from transfgu.pseudo_store import PseudoMaskReader  # noqa: E402
+from transfgu.segmenter import Segmenter  # noqa: E402
+from transfgu.train import TrainConfig, decoder_step, features_and_teacher, train_step  # noqa: E402
 
 SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
     "full": dict(arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
@@ -196,8 +194,8 @@ def bench_train(s, device, repeats):
 
     def old():  # float32, the frozen encoder forwarded once for the teacher and again for the student
         x, m = augment(images, maps, params, R // 2, R // 16)
-        _, teacher_logits = encode(backbone, x, teacher, m.shape[-2:])
-        patches, _ = encode(backbone, x)
+        _, teacher_logits = features_and_teacher(backbone, x, teacher, m.shape[-2:])
+        patches, _ = features_and_teacher(backbone, x)
         decoder_step(student, optimizer, patches, m, teacher_logits, old_cfg, False, 0.05, perm)
 
     return B / timeit(new, device, repeats), B / timeit(old, device, repeats), {"batch": B, "precision": cfg.precision}
@@ -207,9 +205,10 @@ def bench_evaluate(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
     decoder = build_decoder(27, backbone.embed_dim).to(device).eval()
     images = torch.rand(s["batch"] * 4, 3, s["R"], s["R"], device=device)
-    new = timeit(lambda: predict(backbone, decoder, images, auto(device)), device, repeats)
+    segmenter = Segmenter(backbone, decoder)
+    new = timeit(lambda: segmenter.predict(images, auto(device)), device, repeats)
     unfused(backbone)
-    old = timeit(lambda: predict(backbone, decoder, images), device, repeats)
+    old = timeit(lambda: segmenter.predict(images), device, repeats)
     fused(backbone)
     return len(images) / new, len(images) / old, {"precision": auto(device)}
 
@@ -298,7 +297,7 @@ def bench_load(kind):
                     write_batch(h5, 0, fake_pseudo_parts(len(index["splits"]["train"]), K, h))
                 with h5py.File(maps, "w") as h5:
                     merge_batches([tmp / "shard.h5"], 1, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
-            data = SplitDataset(index, "train", size, maps_path=maps)
+            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps))
             batch = s["batch"] * (4 if kind != "extract" else 1)
             new = loader_throughput(data, batch, s["workers"], device)
             old = loader_throughput(data, batch, 0, device, passes=1)

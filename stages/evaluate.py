@@ -1,5 +1,5 @@
 """evaluate: Hungarian-matched mIoU and pixel accuracy on the val split, per-class IoU, the confusion
-matrix, and pictures (METHOD.md section 5). Without val labels it writes the predictions only.
+matrix, and pictures (docs/method.md section 5). Without val labels it writes the predictions only.
 
     python stages/evaluate.py                          # the DVC stage: outputs/decoder.pt -> outputs/
     python stages/evaluate.py --decoder weight/trained/cocostuff27_decoder.pt
@@ -15,16 +15,18 @@ from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (DECODER, INDEX, OUT, PSEUDO_METRICS, backbone_of, device, log, my_loader, precision_of, setup,
-                    shard_dir, task_of, timed, workers_of)
+from common import DECODER, INDEX, OUT, PSEUDO_METRICS, log, setup, task_of, timed
+from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
 from transfgu.baselines import patch_kmeans_confusion
-from transfgu.data import SplitDataset
+from transfgu.data.dataset import SplitDataset
+from transfgu.data.index import split_is_labelled
 from transfgu.io import atomic_output, read_json, write_json
 from transfgu.metrics import miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
-from transfgu.train import evaluate_loader
+from transfgu.segmenter import Segmenter
+from transfgu.shards import my_loader, shard_dir
 from transfgu.viz import comparison_picture, palette
 
 
@@ -62,7 +64,7 @@ def main(args=None):
         raise SystemExit(str(e)) from None
     decoder.to(dev).eval()
     entries = index["splits"]["val"]
-    labelled = task.label_lut is not None and all(e.get("label") for e in entries)
+    labelled = split_is_labelled(index, "val", task)
     data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None)
     names = list(task.class_names)
     log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
@@ -80,8 +82,8 @@ def main(args=None):
             Image.fromarray(pred[j].astype(np.uint8)).save(predictions_dir / f"{entries[i]['id']}.png")
 
     with timed("evaluate"):
-        conf = evaluate_loader(backbone, decoder, batches, task.n_outputs, len(names), dev, "evaluate", keep,
-                               with_labels=labelled, precision=precision)
+        conf = Segmenter(backbone, decoder).confusion(batches, len(names), dev, "evaluate", keep, with_labels=labelled,
+                                                      precision=precision)
     conf = dist.all_sum(conf)
     kept = sorted(k for part in dist.all_gather_objects(kept) for k in part)
     dist.barrier()

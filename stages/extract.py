@@ -1,26 +1,27 @@
-"""extract: the crop [CLS] feature bank of the train split (METHOD.md section 1).
+"""extract: the crop [CLS] feature bank of the train split (docs/method.md section 1).
 
 Under torchrun each rank takes every world-th batch and writes a shard; rank 0 assembles the shards in
 batch order, so the feature bank is the same file whatever the number of processes."""
-import h5py
-import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (FEATURE_BANK, INDEX, BatchShards, backbone_of, device, log, precision_of, setup, size_mb, timed,
-                    workers_of)
+from common import FEATURE_BANK, INDEX, log, setup, size_mb, timed
+from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows
-from transfgu.data import SplitDataset, things_only as dataset_things_only
-from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids
+from transfgu.data.dataset import SplitDataset
+from transfgu.data.tasks import dataset_is_things_only
+from transfgu.feature_bank import batch_arrays, groups_of, write_feature_bank
+from transfgu.io import read_json
+from transfgu.shards import BatchShards
 
 
 @record
 def main():
     params = setup("extract")
     cfg, R = params["extract"], int(params["dataset"]["R"])
-    things_only = dataset_things_only(params["dataset"])
+    things_only = dataset_is_things_only(params["dataset"])
     sizes = cfg["window_sizes"]
     if sizes == "auto":
         sizes = THINGS_ONLY_WINDOW_SIZES if things_only else THING_STUFF_WINDOW_SIZES
@@ -30,7 +31,7 @@ def main():
     index = read_json(INDEX)
     data = SplitDataset(index, "train", 2 * R)
     windows = crop_windows(2 * R // backbone.patch_size, sizes)
-    groups = ("thing",) if things_only else ("thing", "stuff")
+    groups = groups_of(things_only)
     log.info("%d train images at %d px, %d windows per image (sizes %s), crops at %d px%s, %s, %d process(es)",
              len(data), 2 * R, len(windows), list(sizes), R, ", things only" if things_only else "", precision,
              dist.world_size())
@@ -40,23 +41,13 @@ def main():
             images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
             crops = crop_features(backbone, images, windows, R, int(cfg["crop_batch"]), things_only,
                                   float(cfg["thing_fraction"]), float(cfg["stuff_fraction"]), precision)
-            arrays = {}
-            for group, feats in zip(groups, crops):
-                arrays[f"{group}/features"] = torch.cat(feats).numpy().astype(np.float16)
-                arrays[f"{group}/counts"] = np.array([len(f) for f in feats], dtype=np.int64)
-            save(arrays)
+            save(batch_arrays(groups, crops))
         if dist.is_main():
-            with atomic_output(FEATURE_BANK) as tmp, h5py.File(tmp, "w") as h5:
-                counts = merge_batches(shards.paths(), shards.n_batches, h5, {f"{g}/features": 1024 for g in groups},
-                                       [f"{g}/counts" for g in groups])
-                for g in groups:
-                    h5.create_dataset(f"{g}/offsets", data=np.concatenate([[0], np.cumsum(counts[f"{g}/counts"])]),
-                                      track_times=False)
-                write_image_ids(h5, [e["id"] for e in index["splits"]["train"]])
-                h5.attrs.update(R=R, arch=params["backbone"]["arch"], patch_size=backbone.patch_size,
-                                window_sizes=list(sizes), things_only=things_only)
+            n_crops = write_feature_bank(
+                FEATURE_BANK, shards.paths(), shards.n_batches, groups, [e["id"] for e in index["splits"]["train"]],
+                dict(R=R, arch=params["backbone"]["arch"], patch_size=backbone.patch_size, window_sizes=list(sizes),
+                     things_only=things_only))
             shards.remove()
-            n_crops = {g: int(counts[f"{g}/counts"].sum()) for g in groups}
             log.info("wrote %s: %s crops (%.1f per image), %.1f MB", FEATURE_BANK, n_crops,
                      sum(n_crops.values()) / max(len(data), 1), size_mb(FEATURE_BANK))
     dist.barrier()

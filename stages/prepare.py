@@ -1,7 +1,7 @@
 """prepare: make the dataset ready (generate the synthetic one) and write the split index."""
 from common import INDEX, log, setup, timed
 
-from transfgu.data import prepare_index
+from transfgu.data.index import prepare_index
 from transfgu.io import write_json
 
 

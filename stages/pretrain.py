@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,28 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from transfgu.cli import collect_images  # noqa: E402
-from transfgu.data import load_rgb  # noqa: E402
-from transfgu.dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint  # noqa: E402
-from transfgu.models.vit import ARCHS, DinoViT  # noqa: E402
+from transfgu.data.images import ImageFiles, collect_images
+from transfgu.dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint
+from transfgu.io import atomic_output
+from transfgu.models.vit import ARCHS, DinoViT
 
 log = logging.getLogger("transfgu.pretrain")
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Image files as uint8 (3, size, size), resized bilinearly (aspect not kept)."""
-
-    def __init__(self, paths: list[Path], size: int):
-        self.paths, self.size = paths, size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return load_rgb(self.paths[i], self.size)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,12 +73,10 @@ def check_sizes(args) -> None:
 
 
 def write_loss_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def run(args) -> None:
@@ -134,7 +115,7 @@ def run(args) -> None:
     t_train = time.time()
     for epoch in range(args.epochs):
         t0 = time.time()
-        batches = (images.to(device, non_blocking=True).float().div_(255) for images in loader)
+        batches = (batch["image"].to(device, non_blocking=True).float().div_(255) for batch in loader)
         losses = trainer.train_epoch(batches, epoch, progress=not args.no_progress)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {np.mean(losses):.4f} "
               f"(lr {trainer.history[-1]['lr']:.2e}, {time.time() - t0:.1f} s)", flush=True)

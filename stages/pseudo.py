@@ -1,24 +1,25 @@
-"""pseudo: gradient-weighted attention pseudo masks of the train split (METHOD.md section 3), and their
+"""pseudo: gradient-weighted attention pseudo masks of the train split (docs/method.md section 3), and their
 own quality against the ground truth where the split has labels.
 
 Under torchrun each rank takes every world-th batch and writes a shard; rank 0 assembles them in batch
 order (the same file whatever the number of processes); the confusion matrix is summed over ranks."""
-import h5py
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, BatchShards, backbone_of, device, grad_scale_of,
-                    log, precision_of, setup, size_mb, task_of, timed, workers_of)
+from common import CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, setup, size_mb, task_of, timed
+from runtime import backbone_of, device, grad_scale_of, precision_of, workers_of
 
-from transfgu import dist
+from transfgu import dist, pseudo_store
 from transfgu.crops import attention_foreground
-from transfgu.data import SplitDataset
-from transfgu.io import atomic_output, merge_batches, read_json, write_image_ids, write_json
+from transfgu.data.dataset import SplitDataset
+from transfgu.data.index import split_is_labelled
+from transfgu.io import read_json, write_json
 from transfgu.losses import soft_targets
 from transfgu.metrics import (confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores,
                               upsample_argmax)
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
+from transfgu.shards import BatchShards
 
 
 @record
@@ -36,7 +37,7 @@ def main():
                          f"granularity {task.granularity} needs {task.n_things}+{task.n_stuff}: re-run cluster")
     centroids = torch.from_numpy(stored["centroids"]).to(dev)
     index = read_json(INDEX)
-    labelled = task.label_lut is not None and all(e.get("label") for e in index["splits"]["train"])
+    labelled = split_is_labelled(index, "train", task)
     data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None)
     h = R // backbone.patch_size
     scale = grad_scale_of(params)
@@ -50,13 +51,13 @@ def main():
     thing_ids = [c for c, kind in enumerate(task.class_kinds) if kind == "thing"]
     fg_things = np.zeros(4, dtype=np.int64)
     shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"),
-                         packed=["gradient"])  # compressed by threads while the device computes the next batch
+                         packed=pseudo_store.PACKED)
     with timed("pseudo"):
         for batch, save in shards.batches("pseudo"):
             images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
             a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]), precision)
             q16 = q.half()  # what is stored, cast on the device
-            save({"attention": a.float().cpu().numpy(), "gradient": q16.cpu().numpy()})
+            save(pseudo_store.batch_arrays(a, q16))
             targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
             labels = targets.argmax(1)
             stored16 = soft_targets(assemble_pseudo_masks(a, q16), task.things_only).argmax(1)
@@ -69,11 +70,9 @@ def main():
                                                          n_classes)
         conf, agree, fg_things = dist.all_sum(conf), dist.all_sum(agree), dist.all_sum(fg_things)
         if dist.is_main():
-            with atomic_output(PSEUDO_MASKS) as tmp, h5py.File(tmp, "w") as h5:
-                merge_batches(shards.paths(), shards.n_batches, h5, {"attention": 1, "gradient": 1},
-                              compressed=["gradient"])
-                write_image_ids(h5, [e["id"] for e in index["splits"]["train"]])
-                h5.attrs.update(R=R, n_things=task.n_things, n_stuff=task.n_stuff, grad_scale=scale)
+            pseudo_store.write_pseudo_masks(PSEUDO_MASKS, shards.paths(), shards.n_batches,
+                                            [e["id"] for e in index["splits"]["train"]], R, task.n_things,
+                                            task.n_stuff, scale)
             shards.remove()
             metrics = {"stored_label_agreement": 100 * int(agree[0]) / max(int(agree[1]), 1)}
             if labelled:

@@ -1,20 +1,22 @@
 """train: the Segmenter decoder on the frozen backbone with the pseudo masks and bootstrapping
-(METHOD.md section 4)."""
+(docs/method.md section 4)."""
 import csv
 
-import h5py
 import torch
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import (DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, backbone_of, device, log, my_loader, precision_of, setup,
-                    task_of, timed, workers_of)
+from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, setup, task_of, timed
+from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
-from transfgu.data import SplitDataset
+from transfgu.data.dataset import SplitDataset
+from transfgu.data.index import split_is_labelled
 from transfgu.dist import GlobalBatchSampler
 from transfgu.io import atomic_output, read_json
 from transfgu.models.decoder import build_decoder
+from transfgu.pseudo_store import PseudoMaskReader, check_pseudo_masks
+from transfgu.shards import my_loader
 from transfgu.train import TrainConfig, train_decoder
 
 LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "val_miou", "val_pixel_accuracy",
@@ -28,16 +30,15 @@ def main():
     dev = device()
     backbone = backbone_of(params, dev)
     index = read_json(INDEX)
-    with h5py.File(PSEUDO_MASKS, "r") as h5:
-        n_maps = h5["gradient"].shape[1]
-    if n_maps != task.n_concepts:
-        raise SystemExit(f"{PSEUDO_MASKS} has {n_maps} maps per image, granularity {task.granularity} needs "
-                         f"{task.n_concepts}: re-run pseudo")
-    train_data = SplitDataset(index, "train", R, maps_path=PSEUDO_MASKS)
+    try:
+        check_pseudo_masks(PSEUDO_MASKS, task.n_concepts, task.granularity)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    train_data = SplitDataset(index, "train", R, maps=PseudoMaskReader(PSEUDO_MASKS))
     val_loader = None
     if cfg["select_by"] not in ("val", "last"):
         raise SystemExit(f"train.select_by: expected 'val' or 'last', got {cfg['select_by']!r}")
-    labelled = task.label_lut is not None and all(e.get("label") for e in index["splits"]["val"])
+    labelled = split_is_labelled(index, "val", task)
     if cfg["select_by"] == "val" and not labelled:
         log.warning("train.select_by is 'val' but the val split has no labels: keeping the last epoch")
     elif cfg["select_by"] == "val":

@@ -1,4 +1,4 @@
-"""Dataset adapters (transfgu/data): label maps against the tables of METHOD.md ("Datasets and granularities"),
+"""Dataset adapters (transfgu/data): label maps against the tables of docs/method.md ("Datasets and granularities"),
 written out here independently of transfgu/data/labels.py, split listing, image decoding and bad input, on
 tiny fixture trees in the on-disk formats of the real datasets (dataset_trees.py)."""
 from __future__ import annotations
@@ -14,11 +14,13 @@ from PIL import Image
 
 import dataset_trees as trees
 from dataset_trees import dataset_cfg, raw_label
-from transfgu.data import (SplitDataset, list_split, load_label, load_rgb, prepare_index, resolve_task,
-                           things_only)
+from transfgu.data.dataset import SplitDataset
+from transfgu.data.images import load_label, load_rgb
+from transfgu.data.index import list_split, prepare_index
+from transfgu.data.tasks import dataset_is_things_only, resolve_task
 
 # ---------------------------------------------------------------------------------------------------------
-# METHOD.md, "Datasets and granularities", written out
+# docs/method.md, "Datasets and granularities", written out
 # ---------------------------------------------------------------------------------------------------------
 IGN, BAD = 255, -1          # ignored pixel / value the dataset never uses
 COCO_UNUSED = (11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90)
@@ -28,7 +30,7 @@ def span(a, b):
     return list(range(a, b + 1))
 
 
-COCO27 = [  # class order of METHOD.md: things, then stuff
+COCO27 = [  # class order of docs/method.md: things, then stuff
     ("electronic", span(71, 76)), ("appliance", span(77, 82)), ("food", span(51, 60)),
     ("furniture", span(61, 70)), ("indoor", span(83, 90)), ("kitchen", span(43, 50)),
     ("accessory", span(25, 32)), ("animal", span(15, 24)), ("outdoor", span(9, 14)), ("person", [0]),
@@ -48,7 +50,7 @@ LIP5 = [[1, 2, 4, 13], [5, 6, 7, 10, 11, 12], [3, 14, 15], [9, 16, 17], [8, 18, 
 
 def expected_table(name: str, granularity: int) -> tuple[np.ndarray, np.ndarray]:
     """(table, checked): the class of each raw value 0..255 (IGN ignored, BAD never used), and which raw
-    values METHOD.md pins down (LIP says nothing about 255)."""
+    values docs/method.md pins down (LIP says nothing about 255)."""
     t = np.full(256, BAD, np.int64)
     checked = np.ones(256, bool)
     if name == "cocostuff" and granularity == 27:
@@ -145,7 +147,7 @@ def test_task_matches_method(tree, name, g, k_t, k_s, only, n_classes, n_outputs
     cfg = dataset_cfg(name, tree[TREE_OF[name]])
     task = resolve_task(cfg, g)
     assert (task.n_things, task.n_stuff, task.things_only) == (k_t, k_s, only)
-    assert things_only(cfg) is only
+    assert dataset_is_things_only(cfg) is only
     assert len(task.class_names) == n_classes and len(set(task.class_names)) == n_classes
     assert task.n_outputs == n_outputs
     if only and name != "cityscapes":
@@ -226,7 +228,7 @@ def test_folder_with_classes_yaml(tree, kinds, g, names, only, n_outputs, remap)
     assert task.class_names == names
     assert (task.n_things, task.n_stuff, task.things_only, task.n_outputs) == (
         kinds.count("thing"), kinds.count("stuff"), only, n_outputs)
-    assert things_only(cfg) is only
+    assert dataset_is_things_only(cfg) is only
     assert task.class_kinds == tuple(kinds[raw] for raw in sorted(remap, key=remap.get))  # in class order
     table = np.full(256, BAD)
     table[list(remap)] = list(remap.values())
@@ -394,7 +396,7 @@ def test_unknown_dataset_name():
         resolve_task(dataset_cfg("imagenet", "x"), 5)
     assert all(n in str(e.value) for n in VALID)
     with pytest.raises(ValueError, match="imagenet"):
-        things_only(dataset_cfg("imagenet", "x"))
+        dataset_is_things_only(dataset_cfg("imagenet", "x"))
     with pytest.raises(ValueError, match="imagenet"):
         prepare_index(dataset_cfg("imagenet", "x"), 0)
 
@@ -549,13 +551,13 @@ def test_folder_without_labels(tree):
     task = resolve_task(dataset_cfg("folder", root, n_things=2), 5)
     assert (task.n_things, task.n_stuff, task.things_only, task.n_outputs) == (2, 3, False, 5)
     assert len(task.class_names) == 5 and task.label_lut is None
-    assert things_only(dataset_cfg("folder", root, n_things=2)) is False
+    assert dataset_is_things_only(dataset_cfg("folder", root, n_things=2)) is False
 
     only = dataset_cfg("folder", root, things_only=True)
     task = resolve_task(only, 3)
     assert (task.n_things, task.n_stuff, task.things_only, task.n_outputs) == (3, 0, True, 4)
     assert len(task.class_names) == 4 and task.class_names[0] == "background"
-    assert things_only(only) is True
+    assert dataset_is_things_only(only) is True
 
     index = prepare_index(dataset_cfg("folder", root, n_things=2), 0)
     item = SplitDataset(index, "val", 16, lut=None)[0]
@@ -570,3 +572,39 @@ def test_folder_without_labels_needs_fewer_things_than_granularity(tree, n_thing
     msg = str(e.value)
     assert "n_things" in msg and "granularity" in msg
     assert f"n_things={n_things}" in msg and f"granularity={g}" in msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The curated COCO-Stuff lists shipped in data/lists/ (dataset.image_list: curated)
+# ---------------------------------------------------------------------------------------------------------
+def test_shipped_curated_lists_hold_the_published_counts():
+    from transfgu.data.adapters import read_image_list
+    from transfgu.data.index import SHIPPED_LISTS
+    train = read_image_list(SHIPPED_LISTS / "cocostuff_curated_train.txt")
+    val = read_image_list(SHIPPED_LISTS / "cocostuff_curated_val.txt")
+    assert (len(train), len(set(train))) == (49629, 49629)
+    assert (len(val), len(set(val))) == (2175, 2175)
+    assert not set(train) & set(val)
+    assert all(len(i) == 12 and i.isdigit() for i in train + val)
+
+
+@pytest.mark.parametrize("granularity", [27, 171])
+def test_curated_selects_the_listed_images_of_a_coco_tree(tmp_path, monkeypatch, granularity):
+    # 25 and 30 are curated train ids, 139 a curated val id; 9 and 632 are in neither list
+    monkeypatch.setattr(trees, "COCO_TRAIN_IDS", [25, 9, 30])
+    monkeypatch.setattr(trees, "COCO_VAL_IDS", [632, 139])
+    root = trees.make_coco(tmp_path / "coco", n_train=3, n_val=2)
+    everything = prepare_index(dataset_cfg("cocostuff", root), 0)
+    assert [e["id"] for e in everything["splits"]["train"]] == ["000000000009", "000000000025", "000000000030"]
+    cfg = dataset_cfg("cocostuff", root, image_list="curated")
+    resolve_task(cfg, granularity)
+    index = prepare_index(cfg, 0)
+    assert [e["id"] for e in index["splits"]["train"]] == ["000000000025", "000000000030"]
+    assert [e["id"] for e in index["splits"]["val"]] == ["000000000139"]
+
+
+def test_unknown_shipped_list_name_is_an_error(tree):
+    with pytest.raises(ValueError, match=r"dataset.image_list: 'curated' is not a list set shipped for dataset 'voc'"):
+        list_split(dataset_cfg("voc", tree["voc"], image_list="curated"), "train")
+    with pytest.raises(ValueError, match=r"dataset.image_list: expected null"):
+        list_split(dataset_cfg("cocostuff", tree["coco"], image_list={"train": None, "test": "x.txt"}), "train")

@@ -1,4 +1,4 @@
-"""The six pipeline stages, in-process, for every (dataset, granularity) pair of METHOD.md ("Datasets and
+"""The six pipeline stages, in-process, for every (dataset, granularity) pair of docs/method.md ("Datasets and
 granularities") and for a plain image folder with and without labels, on the tiny fixture trees of
 dataset_trees.py (much faster than through DVC; tests/test_pipeline.py covers the DVC wiring)."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 import dataset_trees as trees
-from transfgu.data import resolve_task
+from transfgu.data.tasks import resolve_task
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("prepare", "extract", "cluster", "pseudo", "train", "evaluate")

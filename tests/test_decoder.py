@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def published_shapes(k: int, d: int) -> dict:
-    """Key -> shape of a published TransFGU decoder state dict (METHOD.md section 4)."""
+    """Key -> shape of a published TransFGU decoder state dict (docs/method.md section 4)."""
     shapes = {
         "cls_emb": (1, k, d), "proj_patch": (d, d), "proj_classes": (d, d),
         "proj_dec.weight": (d, d), "proj_dec.bias": (d,),

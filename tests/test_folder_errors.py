@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transfgu.data import list_split, resolve_task
+from transfgu.data.index import list_split
+from transfgu.data.tasks import resolve_task
 
 
 def _img(path, size=(16, 16)):

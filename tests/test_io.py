@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from transfgu.io import COMPRESSION, ShardWriter, merge_batches, shuffle_deflate, write_batch
+from transfgu.shards import COMPRESSION, ShardWriter, merge_batches, shuffle_deflate, write_batch
 
 
 def gradient_like(rng, n, K=5, h=4):

@@ -90,7 +90,8 @@ def test_thing_stuff_split_of_the_scores(project):
     """miou_things / miou_stuff average the per-class IoUs of the three thing and three stuff classes; the pseudo
     stage's thing_share is the share of thing pixels in the train labels at R."""
     import numpy as np
-    from transfgu.data import load_label, resolve_task
+    from transfgu.data.images import load_label
+    from transfgu.data.tasks import resolve_task
 
     root, _ = project
     metrics = read_metrics(root)

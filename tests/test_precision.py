@@ -16,7 +16,8 @@ from transfgu.models.decoder import build_decoder
 from transfgu.models.vit import build_backbone
 from transfgu.precision import autocast, resolve_precision
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
-from transfgu.train import TrainConfig, predict, train_step
+from transfgu.segmenter import Segmenter
+from transfgu.train import TrainConfig, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -142,7 +143,7 @@ def test_predict_bf16_within_tolerance(arch):
     backbone = build_backbone(arch, 8, None, seed=0)
     decoder = build_decoder(6, backbone.embed_dim, seed=0).eval()
     images = scenes(12, 64, seed=5)
-    p32 = predict(backbone, decoder, images)
-    p16 = predict(backbone, decoder, images, "bf16")
+    p32 = Segmenter(backbone, decoder).predict(images)
+    p16 = Segmenter(backbone, decoder).predict(images, "bf16")
     agreement = (p32 == p16).float().mean().item()
     assert 0.985 <= agreement < 1.0, agreement

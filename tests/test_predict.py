@@ -5,7 +5,8 @@ import torch
 import yaml
 from PIL import Image
 
-from transfgu.cli import collect_images, main
+from transfgu.cli import main
+from transfgu.data.images import collect_images
 from transfgu.models.decoder import build_decoder
 
 
@@ -50,7 +51,7 @@ def test_predict_writes_label_color_overlay_at_image_size(setup_dir):
 
 def test_predict_label_equals_library_prediction(setup_dir):
     """The label PNG is the argmax of the decoder logits upsampled to the image size."""
-    from transfgu.data import load_rgb
+    from transfgu.data.images import load_rgb
     from transfgu.models.vit import build_backbone
     import torch.nn.functional as F
     out = setup_dir / "out"

@@ -1,4 +1,4 @@
-"""The per-stage knobs read by stages/common.py: precision and DataLoader workers."""
+"""The per-stage knobs read by stages/runtime.py: precision and DataLoader workers."""
 from pathlib import Path
 
 import pytest
@@ -9,9 +9,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture()
 def common(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "stages"))
-    import common
-    monkeypatch.setattr(common, "DEVICE", None)
-    return common
+    import runtime
+    monkeypatch.setattr(runtime, "device", lambda: __import__("torch").device("cpu"))
+    return runtime
 
 
 def test_workers_auto_is_none_on_the_cpu_and_up_to_eight_per_gpu_process(common, monkeypatch):
@@ -19,7 +19,7 @@ def test_workers_auto_is_none_on_the_cpu_and_up_to_eight_per_gpu_process(common,
     assert common.workers_of({"pseudo": {}}, "pseudo") == 0
     assert common.workers_of({"pseudo": {"num_workers": 3}}, "pseudo") == 3
     import torch
-    monkeypatch.setattr(common, "DEVICE", torch.device("cuda", 0))
+    monkeypatch.setattr(common, "device", lambda: torch.device("cuda", 0))
     monkeypatch.setattr(common.os, "cpu_count", lambda: 32)
     assert common.workers_of({"train": {"num_workers": "auto"}}, "train") == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")

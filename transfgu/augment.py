@@ -1,4 +1,4 @@
-"""Batched training augmentation on the device (METHOD.md section 4).
+"""Batched training augmentation on the device (docs/method.md section 4).
 
 Every random choice is drawn per sample from a generator seeded by (seed, epoch, sample index), so a
 sample's augmentation does not depend on which batch or process it lands in."""

@@ -8,7 +8,6 @@ The backbone and working resolution come from params.yaml (the ones the decoder 
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import sys
 import time
@@ -21,53 +20,15 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from .data import load_rgb, resolve_task, to_rgb
-from .data.adapters import IMAGE_EXTENSIONS
+from .data.images import ImageFiles, collect_images, to_rgb
+from .data.tasks import resolve_task
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
-from .train import decode
+from .segmenter import Segmenter
 from .viz import colorize, palette
 
 log = logging.getLogger("transfgu.predict")
-
-
-def collect_images(inputs) -> list[Path]:
-    """Image files named by paths, folders (recursive) and glob patterns, in order, without repeats."""
-    found = []
-    for item in inputs:
-        if any(c in item for c in "*?["):
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
-            if not matches:
-                raise FileNotFoundError(f"no file matches {item!r}")
-            found += [p for p in matches if p.is_file()]
-        elif Path(item).is_dir():
-            found += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif Path(item).is_file():
-            found.append(Path(item))
-        else:
-            raise FileNotFoundError(f"{item}: no such image, folder or pattern")
-    seen, out = set(), []
-    for p in found:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            out.append(p)
-    if not out:
-        raise FileNotFoundError(f"no images found in {list(inputs)}")
-    return out
-
-
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with Image.open(self.paths[i]) as im:
-            w, h = im.size
-        return {"index": i, "image": load_rgb(self.paths[i], self.size), "height": h, "width": w}
 
 
 def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: int = 16, num_workers: int = 0,
@@ -75,12 +36,13 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
     """Segment image files; write label, colour and overlay PNGs into `out`. Returns the label paths."""
     out.mkdir(parents=True, exist_ok=True)
     colors = palette(decoder.n_cls)
-    loader = torch.utils.data.DataLoader(_Images(paths, size), batch_size=batch_size, num_workers=num_workers,
+    segmenter = Segmenter(backbone, decoder)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, size), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     written, stems = [], {}
     for batch in tqdm(loader, desc="predict", unit="batch"):
         with torch.no_grad():
-            logits, _ = decode(backbone, decoder, batch["image"].to(device).float() / 255, precision)
+            logits, _ = segmenter(batch["image"].to(device).float() / 255, precision)
         for j, i in enumerate(batch["index"].tolist()):
             H, W = int(batch["height"][j]), int(batch["width"][j])
             label = F.interpolate(logits[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -36,7 +35,9 @@ from torchvision.ops import roi_align
 from tqdm import tqdm
 
 from .augment import color_jitter, gaussian_blur3, grayscale
+from .io import atomic_output
 from .models.vit import DinoViT
+from .optim import decay_groups
 
 
 # -- projection head --------------------------------------------------------------------------------
@@ -278,11 +279,8 @@ class DINOTrainer:
         self.clip_grad, self.freeze_last_layer, self.amp = clip_grad, freeze_last_layer, amp
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
 
-        trainable = [(n, p) for n, p in self.student.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim > 1 and not n.endswith(".bias")]
-        no_decay = [p for n, p in trainable if not (p.ndim > 1 and not n.endswith(".bias"))]
         # decayed group first: its weight decay follows the schedule, the other group's stays 0
-        self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+        self.optimizer = torch.optim.AdamW(decay_groups(self.student.named_parameters(), weight_decay), lr=lr)
 
         total = epochs * steps_per_epoch
         self.lr_schedule = cosine_schedule(lr, min_lr, total, warmup_epochs * steps_per_epoch)
@@ -382,7 +380,6 @@ def save_dino_checkpoint(path: str | Path, teacher_backbone: DinoViT, student_ba
     `transfgu.models.vit.load_dino_checkpoint` loads the teacher backbone with strict key matching.
     Written under a temporary name and renamed, so an interrupted write leaves no checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     obj = {"teacher": _prefixed("backbone.", teacher_backbone.vit)}
     if head is not None:
         obj["teacher"].update(_prefixed("head.", head))
@@ -392,10 +389,6 @@ def save_dino_checkpoint(path: str | Path, teacher_backbone: DinoViT, student_ba
             obj["student"].update(_prefixed("head.", student_head))
     obj["arch"], obj["patch_size"] = teacher_backbone.arch, teacher_backbone.patch_size
     obj.update(extra or {})
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_output(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

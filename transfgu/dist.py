@@ -26,16 +26,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK when CUDA is available, else the CPU."""
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+
+
 def init_from_env() -> torch.device:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT); a plain
     `python` run stays a single process. Returns this process's device."""
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    device = local_device()
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not td.is_initialized():
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.set_device(device)
-        td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     return device
 
 

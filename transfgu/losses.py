@@ -1,4 +1,4 @@
-"""Training targets and the three losses of TransFGU (METHOD.md section 4)."""
+"""Training targets and the three losses of TransFGU (docs/method.md section 4)."""
 from __future__ import annotations
 
 import torch

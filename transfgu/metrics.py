@@ -1,4 +1,4 @@
-"""Confusion matrix, Hungarian matching of clusters to classes, mIoU and pixel accuracy (METHOD.md section 5)."""
+"""Confusion matrix, Hungarian matching of clusters to classes, mIoU and pixel accuracy (docs/method.md section 5)."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Pseudo masks by gradient-weighted attention (METHOD.md section 3), for all concepts at once.
+"""Pseudo masks by gradient-weighted attention (docs/method.md section 3), for all concepts at once.
 
 For concept k with centre c_k the loss is L_k = 1 - cos(z, c_k) on the final [CLS] token z, and the
 map needs G_k = dL_k / dA at the [CLS] row of the last block's attention. z depends on A only through

@@ -1,5 +1,4 @@
-"""Segmenter training with bootstrapping (METHOD.md section 4), and the evaluation forward it shares
-with the evaluate stage."""
+"""Segmenter training with bootstrapping (docs/method.md section 4). Inference lives in segmenter.py."""
 from __future__ import annotations
 
 import copy
@@ -14,8 +13,10 @@ from . import dist
 from .dist import progress
 from .augment import augment, draw_params
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
-from .metrics import confusion_matrix, segmentation_scores, upsample_argmax
+from .metrics import segmentation_scores
+from .optim import decay_groups
 from .precision import autocast
+from .segmenter import Segmenter, encode
 
 log = logging.getLogger(__name__)
 
@@ -45,48 +46,6 @@ def bootstrap_schedule(epochs: int, start: int, intervals=(3, 3, 3, 2), block: i
     return plans
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float):
-    """No weight decay on biases and norm parameters (1-d)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def decode(backbone, decoder, images_01: torch.Tensor, precision: str = "fp32"):
-    """Logits at the patch grid (B, C, h, w) and class features (float32) for RGB images in [0, 1];
-    precision 'bf16': backbone and decoder in bf16 autocast."""
-    p = backbone.patch_size
-    patches, _ = encode(backbone, images_01, precision=precision)
-    with autocast(precision, images_01.device):
-        logits, class_feat = decoder(patches, (images_01.shape[-2] // p, images_01.shape[-1] // p))
-    return logits.float(), class_feat.float()
-
-
-@torch.no_grad()
-def predict(backbone, decoder, images_01: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Per-pixel cluster ids (B, H, W): logits upsampled bilinearly to the image size, argmax."""
-    logits, _ = decode(backbone, decoder, images_01, precision)
-    return upsample_argmax(logits, images_01.shape[-2:])
-
-
-@torch.no_grad()
-def evaluate_loader(backbone, decoder, loader, n_outputs: int, n_classes: int, device, desc: str = "eval",
-                    on_batch=None, with_labels: bool = True, precision: str = "fp32") -> np.ndarray:
-    """Cluster x class confusion matrix over a loader of {"image", "label"} batches (all zero when
-    with_labels is False); on_batch(batch, prediction) sees every batch."""
-    decoder.eval()
-    conf = np.zeros((n_outputs, n_classes), dtype=np.int64)
-    for batch in progress(loader, desc=desc, leave=False):
-        images = batch["image"].to(device).float() / 255
-        pred = predict(backbone, decoder, images, precision)
-        if with_labels:
-            conf += confusion_matrix(pred, batch["label"].to(device), n_outputs, n_classes)
-        if on_batch is not None:
-            on_batch(batch, pred)
-    return conf
-
-
 @dataclass
 class TrainConfig:
     epochs: int
@@ -103,12 +62,14 @@ class TrainConfig:
     precision: str = "fp32"   # 'bf16': backbone, teacher and student forwards in bf16 autocast
 
 
-def encode(backbone, images_01: torch.Tensor, teacher=None, grid=None, precision: str = "fp32"):
+def features_and_teacher(backbone, images_01: torch.Tensor, teacher=None, grid=None, precision: str = "fp32"):
     """Frozen patch tokens of a batch, computed once, and the teacher's float32 logits on them (None
-    without one). With precision 'bf16' the tokens are bf16."""
+    without a teacher). With precision 'bf16' the tokens are bf16."""
+    patches = encode(backbone, images_01, precision)
+    if teacher is None:
+        return patches, None
     with torch.no_grad(), autocast(precision, images_01.device):
-        patches = backbone(backbone.normalize(images_01))[:, 1:]
-        return patches, (teacher(patches, grid)[0].float() if teacher is not None else None)
+        return patches, teacher(patches, grid)[0].float()
 
 
 def decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only: bool, alpha: float = 0.0,
@@ -139,7 +100,7 @@ def train_step(backbone, student, teacher, optimizer, images, maps, cfg, things_
                permutation=None):
     """Augmented images (B, 3, r, r) and maps (B, K, h, h) -> one step; the frozen encoder's features are
     computed once and shared by the student and the teacher (None: no bootstrapping)."""
-    patches, teacher_logits = encode(backbone, images, teacher, maps.shape[-2:], cfg.precision)
+    patches, teacher_logits = features_and_teacher(backbone, images, teacher, maps.shape[-2:], cfg.precision)
     return decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only, alpha, permutation)
 
 
@@ -158,7 +119,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
     if dist.world_size() > 1:  # gradients averaged over ranks; every rank holds the same weights
         student = torch.nn.parallel.DistributedDataParallel(
             decoder, device_ids=[device] if torch.device(device).type == "cuda" else None)
-    optimizer = torch.optim.Adam(param_groups(decoder, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.Adam(decay_groups(decoder.named_parameters(), cfg.weight_decay), lr=cfg.lr)
     perm_gen = torch.Generator().manual_seed(cfg.seed)
     plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
     history, best, best_score = [], None, -np.inf
@@ -190,8 +151,8 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
                "bootstrapping": plan.bootstrapping, "handover": plan.handover}
         score = float(epoch)
         if val_loader is not None:
-            conf = dist.all_sum(evaluate_loader(backbone, decoder, val_loader, decoder.n_cls, n_classes, device, "val",
-                                                precision=cfg.precision))
+            conf = dist.all_sum(Segmenter(backbone, decoder).confusion(val_loader, n_classes, device, "val",
+                                                                       precision=cfg.precision))
             s = segmentation_scores(conf)
             row.update(val_miou=s["miou"], val_pixel_accuracy=s["pixel_accuracy"])
             score = s["miou"] + s["pixel_accuracy"]

@@ -1,4 +1,4 @@
-"""Class lists and raw-label -> class maps of every dataset (METHOD.md, "Datasets and granularities").
+"""Class lists and raw-label -> class maps of every dataset (docs/method.md, "Datasets and granularities").
 
 A map is a lookup table over raw label values (uint16 range): a class id, IGNORE (left out of the
 confusion matrix), or INVALID (a value the dataset never uses: reading it is an error)."""

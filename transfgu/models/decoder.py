@@ -1,10 +1,12 @@
-"""The Segmenter mask-transformer decoder (METHOD.md section 4), with the state-dict names of the
+"""The Segmenter mask-transformer decoder (docs/method.md section 4), with the state-dict names of the
 published TransFGU decoders (`weight/trained/*_decoder.pt`)."""
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .weights import load_strict
 
 
 class Attention(nn.Module):
@@ -99,14 +101,6 @@ def load_decoder(decoder: MaskTransformer, path) -> MaskTransformer:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    expected = decoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if tuple(state[k].shape) != tuple(expected[k].shape))
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path}: not a decoder for {decoder.n_cls} output channels of width {decoder.proj_dec.in_features}: "
-            f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}, wrong shapes "
-            f"{[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:5]]} (got, expected)")
-    decoder.load_state_dict(state, strict=True)
+    load_strict(decoder, state, f"{path}: not a decoder for {decoder.n_cls} output channels of width "
+                                f"{decoder.proj_dec.in_features}")
     return decoder

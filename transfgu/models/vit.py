@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,16 +17,25 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from .weights import load_strict
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# name -> (embed_dim, depth, num_heads). vit_small / vit_base are DINO's; vit_mini is the small
-# network of the built-in synthetic default, sized for a 2-core CPU.
+@dataclass(frozen=True)
+class ViTArch:
+    embed_dim: int
+    depth: int
+    num_heads: int
+
+
+# vit_small / vit_base are DINO's; vit_mini is the small network of the built-in synthetic default, sized for
+# a 2-core CPU.
 ARCHS = {
-    "vit_mini": (192, 4, 3),
-    "vit_tiny": (192, 12, 3),
-    "vit_small": (384, 12, 6),
-    "vit_base": (768, 12, 12),
+    "vit_mini": ViTArch(embed_dim=192, depth=4, num_heads=3),
+    "vit_tiny": ViTArch(embed_dim=192, depth=12, num_heads=3),
+    "vit_small": ViTArch(embed_dim=384, depth=12, num_heads=6),
+    "vit_base": ViTArch(embed_dim=768, depth=12, num_heads=12),
 }
 
 DINO_CHECKPOINTS = {
@@ -59,10 +69,10 @@ class DinoViT(nn.Module):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"backbone.arch: unknown '{arch}', expected one of {sorted(ARCHS)}")
-        embed_dim, depth, num_heads = ARCHS[arch]
-        self.arch, self.patch_size, self.embed_dim, self.num_heads = arch, patch_size, embed_dim, num_heads
+        size = ARCHS[arch]
+        self.arch, self.patch_size, self.embed_dim, self.num_heads = arch, patch_size, size.embed_dim, size.num_heads
         self.vit = VisionTransformer(
-            img_size=224, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+            img_size=224, patch_size=patch_size, embed_dim=size.embed_dim, depth=size.depth, num_heads=size.num_heads,
             mlp_ratio=4.0, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6), num_classes=0)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -160,16 +170,7 @@ def load_dino_checkpoint(model: DinoViT, path: str | Path) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # full training checkpoints also pickle their argparse namespace
         obj = torch.load(path, map_location="cpu", weights_only=False)
-    state = _unwrap_state_dict(obj)
-    expected = model.vit.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            f"{path}: does not match backbone {model.arch}/{model.patch_size}: missing keys {missing[:5]}, "
-            f"unexpected keys {unexpected[:5]}, wrong shapes {[(k, tuple(state[k].shape)) for k in wrong[:5]]}")
-    model.vit.load_state_dict(state, strict=True)
+    load_strict(model.vit, _unwrap_state_dict(obj), f"{path}: does not match backbone {model.arch}/{model.patch_size}")
 
 
 def build_backbone(arch: str, patch_size: int, checkpoint: str | Path | None, seed: int = 0) -> DinoViT:

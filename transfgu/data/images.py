@@ -1,0 +1,97 @@
+"""Image and label files: decoding to fixed-size tensors, and collecting image files from paths, folders
+and glob patterns."""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .adapters import IMAGE_EXTENSIONS
+from .labels import INVALID
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit and 32-bit grayscale are rescaled by their type's range, palette
+    and RGBA images converted (alpha dropped)."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im).astype(np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        a = np.asarray(im)
+        im = Image.fromarray(np.clip(a * (255 if a.max() <= 1 else 1), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def load_rgb(path: Path, size: int) -> torch.Tensor:
+    """An image file as uint8 (3, size, size), resized bilinearly (aspect not kept)."""
+    try:
+        with Image.open(path) as im:
+            im = to_rgb(im).resize((size, size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise OSError(f"cannot read image {path}: {e}") from e
+
+
+def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
+    """A label PNG (8 or 16 bit, gray or palette indices) mapped through lut and resized (nearest) to
+    (size, size), int64. A value the dataset never uses is an error naming the file and the value."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+                raise OSError(f"label maps must be single-channel (L, P or 16-bit), got mode {im.mode}")
+            raw = np.asarray(im.resize((size, size), Image.NEAREST)).astype(np.int64)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+        raise OSError(f"cannot read label {path}: {e}") from e
+    if raw.min() < 0 or raw.max() >= len(lut):
+        raise ValueError(f"{path}: label value {int(raw.min() if raw.min() < 0 else raw.max())} is outside "
+                         f"the dataset's label map")
+    mapped = lut[raw]
+    if (mapped == INVALID).any():
+        value = int(raw[mapped == INVALID][0])
+        raise ValueError(f"{path}: label value {value} is not a class of this dataset (nor an ignore value)")
+    return torch.from_numpy(mapped.astype(np.int64))
+
+
+def collect_images(inputs) -> list[Path]:
+    """Image files named by paths, folders (recursive) and glob patterns, in order, without repeats."""
+    found = []
+    for item in inputs:
+        if any(c in item for c in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"no file matches {item!r}")
+            found += [p for p in matches if p.is_file()]
+        elif Path(item).is_dir():
+            found += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif Path(item).is_file():
+            found.append(Path(item))
+        else:
+            raise FileNotFoundError(f"{item}: no such image, folder or pattern")
+    seen, out = set(), []
+    for p in found:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            out.append(p)
+    if not out:
+        raise FileNotFoundError(f"no images found in {list(inputs)}")
+    return out
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files as {"index", "image": uint8 (3, size, size) resized bilinearly (aspect not kept),
+    "height", "width": the file's own size}."""
+
+    def __init__(self, paths: list[Path], size: int):
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        with Image.open(self.paths[i]) as im:
+            w, h = im.size
+        return {"index": i, "image": load_rgb(self.paths[i], self.size), "height": h, "width": w}

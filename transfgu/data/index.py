@@ -1,0 +1,99 @@
+"""Split indexes: the images (and labels) of each split of a dataset, as `prepare` writes them to
+outputs/index.json, and which splits are labelled."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from . import adapters, synthetic
+from .images import load_rgb
+from .tasks import DATASETS, FOLDER, Task, valid_pairs
+
+log = logging.getLogger(__name__)
+
+
+# Image lists shipped with the project (data/lists/), selected by name with dataset.image_list.
+SHIPPED_LISTS = Path(__file__).resolve().parents[2] / "data" / "lists"
+
+
+def image_list_of(cfg: dict, split: str) -> Path | None:
+    """The list file restricting a split, from params `dataset.image_list`: null (every image), a
+    {train: path, val: path} mapping (null for a split = every image), or the name of a list set shipped for
+    the dataset (`curated` for cocostuff)."""
+    value, name = cfg.get("image_list"), cfg["name"]
+    if value is None:
+        return None
+    if isinstance(value, str):
+        shipped = DATASETS[name].image_lists if name in DATASETS else {}
+        if value not in shipped:
+            raise ValueError(f"dataset.image_list: '{value}' is not a list set shipped for dataset '{name}' "
+                             f"(shipped: {sorted(shipped) or 'none'}); give a name of those or "
+                             f"{{train: <list file>, val: <list file>}}")
+        return SHIPPED_LISTS / shipped[value][split]
+    if not isinstance(value, dict) or set(value) - {"train", "val"}:
+        raise ValueError(f"dataset.image_list: expected null, a shipped list name or {{train: <list file or null>, "
+                         f"val: <list file or null>}}, got {value!r}")
+    return Path(value[split]) if value.get(split) else None
+
+
+def list_split(cfg: dict, split: str) -> list[dict]:
+    root = Path(cfg["root"])
+    name = cfg["name"]
+    lister = adapters.folder if name == FOLDER else DATASETS[name].lister
+    entries = lister(root, split)
+    image_list = image_list_of(cfg, split)
+    if image_list is not None:
+        listed = adapters.read_image_list(image_list)
+        entries = adapters.select_listed(entries, listed)
+        if len(entries) < len(set(listed)):
+            log.warning("%s: %d of its %d ids are not among the %s images found under %s", image_list,
+                        len(set(listed)) - len(entries), len(set(listed)), split, root)
+    if not entries:
+        raise FileNotFoundError(f"no {split} images found for dataset '{name}' under {root} "
+                                f"(README, 'Data layout')")
+    return entries
+
+
+def prepare_index(cfg: dict, seed: int, check_images: bool = False, num_workers: int = 0) -> dict:
+    """Make the dataset ready (the synthetic one is generated under root) and list its splits:
+    {"dataset", "root", "splits": {split: [{"id", "image", "label"}]}, "skipped": {split: [...]}}, paths
+    relative to root. With check_images, every image is decoded and unreadable ones are left out."""
+    root = Path(cfg["root"])
+    name = cfg["name"]
+    if name in ("synthetic", "synthetic-things"):
+        s = cfg.get("synthetic", {})
+        synthetic.write_synthetic_dataset(root, s["n_train"], s["n_val"], s["size"], seed)
+    elif name not in DATASETS and name != FOLDER:
+        raise ValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
+    splits, skipped = {}, {}
+    for split in ("train", "val"):
+        entries = list_split(cfg, split)
+        if check_images:
+            bad = find_unreadable(root, entries, num_workers)
+            skipped[split] = sorted(bad)
+            entries = [e for e in entries if e["image"] not in bad]
+        splits[split] = entries
+    return {"dataset": name, "root": str(root), "splits": splits, "skipped": skipped}
+
+
+def _check(path: Path):
+    try:
+        load_rgb(path, 8)
+        return None
+    except OSError as e:
+        return str(e)
+
+
+def find_unreadable(root: Path, entries: list[dict], num_workers: int = 0) -> dict:
+    """{relative image path: reason} for the images that cannot be decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+    from tqdm import tqdm
+    paths = [root / e["image"] for e in entries]
+    with ThreadPoolExecutor(max(num_workers, 1)) as pool:
+        results = list(tqdm(pool.map(_check, paths), total=len(paths), desc="checking images", leave=False))
+    return {e["image"]: r for e, r in zip(entries, results) if r is not None}
+
+
+def split_is_labelled(index: dict, split: str, task: Task) -> bool:
+    """Whether every image of a split has a label file and the task can read labels."""
+    return task.label_lut is not None and all(e.get("label") for e in index["splits"][split])
