@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(CURDIR)/$(VENV)/bin
+# install extras: test, and the faiss build (cpu, gpu-cu12 or gpu-cu13; see README 'Installing')
+EXTRAS ?= test,cpu
 
 .PHONY: install repro test
 
@@ -10,7 +12,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e '.[test]'
+	$(BIN)/python -m pip install -e '.[$(EXTRAS)]'
 	touch $@
 
 repro: install

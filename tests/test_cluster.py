@@ -167,6 +167,18 @@ def test_backend_resolution(monkeypatch):
         kmeans(gaussian_cloud(20, 4), 2, backend="gpu")
 
 
+def test_auto_backend_without_faiss_is_torch_and_explicit_faiss_is_an_error(monkeypatch):
+    monkeypatch.setattr(cluster, "faiss", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not cluster.gpu_available()
+    assert resolve_backend("auto") == "torch"
+    with pytest.raises(ValueError, match=r"cluster\.backend is 'faiss' but faiss is not installed"):
+        resolve_backend("faiss")
+    x = gaussian_cloud(60, 4)
+    with_torch = kmeans(x, 3, niter=5, seed=0, backend="torch")
+    np.testing.assert_array_equal(kmeans(x, 3, niter=5, seed=0), with_torch)
+
+
 def test_describe_backend(monkeypatch):
     monkeypatch.setattr(cluster, "gpu_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -1,4 +1,4 @@
-"""Concept centroids by k-means of the crop [CLS] features (METHOD.md section 2).
+"""Concept centroids by k-means of the crop [CLS] features (docs/method.md section 2).
 
 Two backends run the same Lloyd iterations from the same initialisation:
 
@@ -30,29 +30,39 @@ import contextlib
 import warnings
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import torch
+
+try:  # faiss is an install extra: faiss-cpu (`.[cpu]`), or a GPU build (`.[gpu-cu12]`, `.[gpu-cu13]`)
+    import faiss
+except ImportError:  # the torch backend runs the same k-means without it
+    faiss = None
 
 BACKENDS = ("auto", "faiss", "torch")
 EPS = 1 / 1024  # faiss's perturbation when an empty cluster takes half of another
 
 
 def gpu_available() -> bool:
-    """faiss-gpu is installed and sees a GPU."""
-    return hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
+    """A GPU build of faiss is installed and sees a GPU."""
+    return faiss is not None and hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """'faiss' or 'torch'. auto: faiss when faiss has a GPU, else torch when torch sees CUDA, else faiss (CPU)."""
+    """'faiss' or 'torch'. auto: faiss when faiss has a GPU, else torch when torch sees CUDA, else faiss on the
+    CPU when it is installed, else torch on the CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"cluster.backend must be one of {', '.join(repr(b) for b in BACKENDS)}, "
                          f"got {backend!r}")
+    if backend == "faiss" and faiss is None:
+        raise ValueError("cluster.backend is 'faiss' but faiss is not installed: pip install -e '.[cpu]' (or the "
+                         "GPU build matching your torch's CUDA, README 'Installing'), or use cluster.backend: torch")
     if backend != "auto":
         return backend
     if gpu_available():
         return "faiss"
-    return "torch" if torch.cuda.is_available() else "faiss"
+    if torch.cuda.is_available():
+        return "torch"
+    return "faiss" if faiss is not None else "torch"
 
 
 def torch_device(device=None) -> torch.device:
