@@ -53,6 +53,7 @@ def project(tmp_path_factory):
     for name in ("stages", "transfgu"):
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copytree(REPO / "data" / "lists", root / "data" / "lists")  # prepare depends on the shipped lists
     params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
