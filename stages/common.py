@@ -14,8 +14,10 @@ import numpy as np
 import torch
 import yaml
 
+import transfgu
 from transfgu import dist
 from transfgu.data.tasks import dataset_is_things_only, resolve_task
+from transfgu.io import fingerprint, loaded_code
 
 # The artifacts (dvc.yaml's outs), relative to the project root:
 OUT = Path("outputs")
@@ -29,6 +31,18 @@ TRAIN_LOG = OUT / "train_log.csv"           # train
 METRICS = OUT / "metrics.json"              # evaluate (with per_class_iou.csv, confusion*.csv, pictures/, predictions/)
 
 log = logging.getLogger("transfgu")
+
+# The params each stage reads: dvc.yaml's `params` of the stage (tests/test_resume.py checks they agree). They
+# key the work a stage keeps while it runs (`run_key`).
+STAGE_PARAMS = {
+    "extract": ("dataset.name", "dataset.R", "dataset.things_only", "backbone", "extract", "seed"),
+    "pseudo": ("granularity", "dataset.name", "dataset.n_things", "dataset.things_only", "dataset.R", "backbone",
+               "pseudo", "seed"),
+    "train": ("granularity", "dataset.name", "dataset.n_things", "dataset.things_only", "dataset.R", "backbone",
+              "train", "seed"),
+    "evaluate": ("granularity", "dataset.name", "dataset.n_things", "dataset.things_only", "dataset.R", "backbone",
+                 "evaluate", "seed"),
+}
 
 
 def setup(stage: str) -> dict:
@@ -53,6 +67,23 @@ def setup(stage: str) -> dict:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     return params
+
+
+def run_key(stage: str, params: dict, inputs=(), **resolved) -> str:
+    """The fingerprint of what a stage's results depend on (transfgu.io.fingerprint): the params it reads
+    (STAGE_PARAMS), values resolved at run time (`resolved`, e.g. the precision and the device type), the input
+    files (`inputs`: artifacts, the backbone checkpoint) and the code it has imported from the project. It names
+    the folder of pieces (extract, pseudo, evaluate) or the checkpoint (train) an interrupted run resumes from:
+    work done with other params, inputs or code is never reused. Rank 0's value on every rank."""
+    config = {"stage": stage, **resolved}
+    for key in STAGE_PARAMS[stage]:
+        value = params
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        config[key] = value
+    code = loaded_code(Path(transfgu.__file__).parent, Path(__file__).parent)
+    checkpoint = (params.get("backbone") or {}).get("checkpoint")
+    return dist.broadcast_object(fingerprint(config, [*inputs, checkpoint], code) if dist.is_main() else None)
 
 
 def task_of(params):

@@ -1,6 +1,11 @@
 """evaluate: Hungarian-matched mIoU and pixel accuracy on the val split, per-class IoU, the confusion
 matrix, and pictures (docs/method.md section 5). Without val labels it writes the predictions only.
 
+Every batch's prediction PNGs go to a folder beside its piece (transfgu/shards.py), which keeps the batch's
+confusion counts and the pictures' data; under torchrun each rank takes every world-th batch still to do;
+rank 0 sums the pieces' counts and writes the results. A re-run after an interruption computes only the
+batches without a piece (README, "Interrupted runs").
+
     python stages/evaluate.py                          # the DVC stage: outputs/decoder.pt -> outputs/
     python stages/evaluate.py --decoder weight/trained/cocostuff27_decoder.pt
                                                        # a published decoder -> outputs/published/<name>/
@@ -15,18 +20,18 @@ from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, OUT, PSEUDO_METRICS, log, setup, task_of, timed
+from common import DECODER, INDEX, OUT, PSEUDO_METRICS, log, run_key, setup, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
 from transfgu.baselines import patch_kmeans_confusion
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
-from transfgu.io import atomic_output, read_json, write_json
-from transfgu.metrics import miou_by_kind, segmentation_scores
+from transfgu.io import atomic_output, link_tree, read_json, write_json
+from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.segmenter import Segmenter
-from transfgu.shards import my_loader, shard_dir
+from transfgu.shards import BatchPieces, gather_batches
 from transfgu.viz import comparison_picture, palette
 
 
@@ -69,29 +74,37 @@ def main(args=None):
     names = list(task.class_names)
     log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
              f"{len(names)} classes" if labelled else "no labels: predictions only", precision)
-    _, batches = my_loader(data, int(cfg["batch_size"]), workers_of(params, "evaluate"))
-    predictions_dir = shard_dir(out / "predictions")  # every rank writes its images' predictions there
-    kept = []  # the images among the first n_pictures, with their prediction and label
-
-    def keep(batch, pred):
-        pred = pred.cpu().numpy()
-        for j, i in enumerate(batch["index"].tolist()):
-            if i < int(cfg["n_pictures"]):
-                label = batch["label"][j].numpy() if labelled else None
-                kept.append((i, batch["image"][j].permute(1, 2, 0).numpy(), pred[j], label))
-            Image.fromarray(pred[j].astype(np.uint8)).save(predictions_dir / f"{entries[i]['id']}.png")
-
+    key = run_key("evaluate", params, [INDEX, decoder_path], precision=precision, device=dev.type)
+    pieces = BatchPieces(out / "predictions", data, int(cfg["batch_size"]), workers_of(params, "evaluate"), key,
+                         "evaluate")
+    predictions_dir = pieces.dir / "predictions"  # every rank writes its images' predictions there
+    predictions_dir.mkdir(exist_ok=True)
+    n_pictures, n_classes = int(cfg["n_pictures"]), len(names)
+    segmenter = Segmenter(backbone, decoder)
     with timed("evaluate"):
-        conf = Segmenter(backbone, decoder).confusion(batches, len(names), dev, "evaluate", keep, with_labels=labelled,
-                                                      precision=precision)
-    conf = dist.all_sum(conf)
-    kept = sorted(k for part in dist.all_gather_objects(kept) for k in part)
-    dist.barrier()
+        for batch, save in pieces.batches("evaluate"):
+            pred = segmenter.predict(batch["image"].to(dev).float() / 255, precision)
+            conf = np.zeros((1, task.n_outputs, n_classes), dtype=np.int64)
+            if labelled:
+                conf[0] = confusion_matrix(pred, batch["label"].to(dev), task.n_outputs, n_classes)
+            pred = pred.cpu().numpy().astype(np.uint8)
+            index_of = batch["index"].numpy()
+            for j, i in enumerate(index_of.tolist()):  # the PNGs first: a batch's piece says they are complete
+                Image.fromarray(pred[j]).save(predictions_dir / f"{entries[i]['id']}.png")
+            kept = index_of < n_pictures  # this batch's images among the first n_pictures: their pictures' data
+            picture = {"kept_index": index_of[kept], "kept_image": batch["image"][kept].permute(0, 2, 3, 1).numpy(),
+                       "kept_pred": pred[kept]}
+            if labelled:
+                picture["kept_label"] = batch["label"][kept].numpy()
+            save({"confusion": conf, **picture})
     if not dist.is_main():
         dist.shutdown()
         return
-    with atomic_output(out / "predictions") as tmp:
-        predictions_dir.rename(tmp)
+    names_kept = ["confusion", "kept_index", "kept_image", "kept_pred"] + (["kept_label"] if labelled else [])
+    parts = gather_batches(pieces.paths(), names_kept)
+    conf = parts["confusion"].sum(0)
+    kept = [(int(i), parts["kept_image"][k], parts["kept_pred"][k], parts["kept_label"][k] if labelled else None)
+            for k, i in enumerate(parts["kept_index"])]
     colors = palette(max(len(names), task.n_outputs))
     if labelled:
         s = segmentation_scores(conf)
@@ -137,6 +150,9 @@ def main(args=None):
         for i, img, pred, lab in kept:
             cls = np.where(mapping[pred] >= 0, mapping[pred], -1)
             comparison_picture(img, cls, lab, names, colors).save(tmp / f"{i:03d}_{entries[i]['id']}.png")
+    with atomic_output(out / "predictions") as tmp:  # hard links: the pieces stay whole until removed
+        link_tree(predictions_dir, tmp)
+    pieces.remove()
     log.info("wrote %s, %d predictions (cluster ids, R x R PNG) in %s, %d pictures in %s", out / "metrics.json",
              len(data), out / "predictions", len(kept), out / "pictures")
     dist.shutdown()

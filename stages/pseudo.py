@@ -1,13 +1,16 @@
 """pseudo: gradient-weighted attention pseudo masks of the train split (docs/method.md section 3), and their
 own quality against the ground truth where the split has labels.
 
-Under torchrun each rank takes every world-th batch and writes a shard; rank 0 assembles them in batch
-order (the same file whatever the number of processes); the confusion matrix is summed over ranks."""
+Every batch's maps, with its counts for the metrics (confusion matrix, stored-label agreement, attention
+foreground), are kept in a piece (transfgu/shards.py) as soon as they are computed; under torchrun each rank
+takes every world-th batch still to do; rank 0 assembles the pieces in batch order (the same file whatever the
+number of processes) and sums their counts. A re-run after an interruption computes only the batches without
+a piece (README, "Interrupted runs")."""
 import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, setup, size_mb, task_of, timed
+from common import CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, run_key, setup, size_mb, task_of, timed
 from runtime import backbone_of, device, grad_scale_of, precision_of, workers_of
 
 from transfgu import dist, pseudo_store
@@ -19,7 +22,7 @@ from transfgu.losses import soft_targets
 from transfgu.metrics import (confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores,
                               upsample_argmax)
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
-from transfgu.shards import BatchShards
+from transfgu.shards import BatchPieces
 
 
 @record
@@ -44,36 +47,36 @@ def main():
     log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, trunk in %s, %d process(es)",
              len(data), R, len(centroids), h, h, scale, precision, dist.world_size())
     n_classes = len(task.class_names)
-    conf = np.zeros((task.n_outputs, n_classes), dtype=np.int64)
-    agree = np.zeros(2, dtype=np.int64)  # labels equal after float16 storage, labels
     # Does the [CLS] attention find the things? The rule that picks thing crops in `extract` (attention above
     # its mean), applied to this forward at R: thing pixels in the foreground vs in the whole image.
     thing_ids = [c for c, kind in enumerate(task.class_kinds) if kind == "thing"]
-    fg_things = np.zeros(4, dtype=np.int64)
-    shards = BatchShards(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"),
+    key = run_key("pseudo", params, [INDEX, CENTROIDS], precision=precision, device=dev.type)
+    pieces = BatchPieces(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"), key, "pseudo",
                          packed=pseudo_store.PACKED)
     with timed("pseudo"):
-        for batch, save in shards.batches("pseudo"):
+        for batch, save in pieces.batches("pseudo"):
             images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
             a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]), precision)
             q16 = q.half()  # what is stored, cast on the device
-            save(pseudo_store.batch_arrays(a, q16))
             targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)
             labels = targets.argmax(1)
             stored16 = soft_targets(assemble_pseudo_masks(a, q16), task.things_only).argmax(1)
-            agree += [int((stored16 == labels).sum()), labels.numel()]
+            # this batch's counts, kept with its maps: labels equal after float16 storage, labels
+            counts = {"agree": np.array([[int((stored16 == labels).sum()), labels.numel()]], dtype=np.int64),
+                      "confusion": np.zeros((1, task.n_outputs, n_classes), dtype=np.int64),
+                      "fg_things": np.zeros((1, 4), dtype=np.int64)}
             if labelled:
                 up = upsample_argmax(targets, (R, R))
-                conf += confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
+                counts["confusion"][0] = confusion_matrix(up, batch["label"].to(dev), task.n_outputs, n_classes)
                 if thing_ids:
-                    fg_things += foreground_thing_counts(attention_foreground(a), batch["label"].to(dev), thing_ids,
-                                                         n_classes)
-        conf, agree, fg_things = dist.all_sum(conf), dist.all_sum(agree), dist.all_sum(fg_things)
+                    counts["fg_things"][0] = foreground_thing_counts(attention_foreground(a), batch["label"].to(dev),
+                                                                     thing_ids, n_classes)
+            save({**pseudo_store.batch_arrays(a, q16), **counts})
         if dist.is_main():
-            pseudo_store.write_pseudo_masks(PSEUDO_MASKS, shards.paths(), shards.n_batches,
-                                            [e["id"] for e in index["splits"]["train"]], R, task.n_things,
-                                            task.n_stuff, scale)
-            shards.remove()
+            sums = pseudo_store.write_pseudo_masks(PSEUDO_MASKS, pieces.paths(),
+                                                   [e["id"] for e in index["splits"]["train"]], R, task.n_things,
+                                                   task.n_stuff, scale, gather=("agree", "confusion", "fg_things"))
+            agree, conf, fg_things = (sums[k].sum(0) for k in ("agree", "confusion", "fg_things"))
             metrics = {"stored_label_agreement": 100 * int(agree[0]) / max(int(agree[1]), 1)}
             if labelled:
                 s = segmentation_scores(conf)
@@ -84,6 +87,7 @@ def main():
                     metrics.update(attention_foreground_thing_share=100 * int(fg_things[0]) / int(fg_things[1]),
                                    thing_share=100 * int(fg_things[2]) / int(fg_things[3]))
             write_json(PSEUDO_METRICS, metrics)
+            pieces.remove()
             log.info("wrote %s (%.1f MB, %.3f MB per image) and %s: %s", PSEUDO_MASKS, size_mb(PSEUDO_MASKS),
                      size_mb(PSEUDO_MASKS) / max(len(data), 1), PSEUDO_METRICS, metrics)
     dist.barrier()

@@ -1,12 +1,18 @@
 """train: the Segmenter decoder on the frozen backbone with the pseudo masks and bootstrapping
-(docs/method.md section 4)."""
+(docs/method.md section 4).
+
+After every epoch the whole training state is kept in a checkpoint next to the outputs,
+outputs/.decoder.pt.checkpoint-<key> (outside DVC's outs; key: the fingerprint of the params, inputs and code,
+common.run_key); a re-run after an interruption resumes at the next epoch, and the checkpoint is removed once
+decoder.pt and train_log.csv are written (README, "Interrupted runs"). A NaN or infinite loss stops the run
+with a one-line error naming the epoch and the step."""
 import csv
 
 import torch
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, setup, task_of, timed
+from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, run_key, setup, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -16,8 +22,8 @@ from transfgu.dist import GlobalBatchSampler
 from transfgu.io import atomic_output, read_json
 from transfgu.models.decoder import build_decoder
 from transfgu.pseudo_store import PseudoMaskReader, check_pseudo_masks
-from transfgu.shards import my_loader
-from transfgu.train import TrainConfig, train_decoder
+from transfgu.shards import keyed_path, my_loader
+from transfgu.train import NonFiniteLoss, TrainConfig, remove_checkpoint, train_decoder
 
 LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "val_miou", "val_pixel_accuracy",
               "bootstrapping", "handover", "seconds")
@@ -62,9 +68,14 @@ def main():
     workers = workers_of(params, "train")
     train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
                                                pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    checkpoint = keyed_path(DECODER, "checkpoint", run_key("train", params, [INDEX, PSEUDO_MASKS],
+                                                           precision=tc.precision, device=dev.type))
     with timed("train"):
-        best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
-                                      len(task.class_names), dev)
+        try:
+            best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
+                                          len(task.class_names), dev, checkpoint=checkpoint)
+        except NonFiniteLoss as e:
+            raise SystemExit(f"train: {e}") from None
     if dist.is_main():
         with atomic_output(DECODER) as tmp:
             torch.save(best, tmp)
@@ -72,6 +83,7 @@ def main():
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(history)
+        remove_checkpoint(checkpoint)
         log.info("wrote %s and %s", DECODER, TRAIN_LOG)
     dist.barrier()
     dist.shutdown()

@@ -1,10 +1,11 @@
-"""Shard files and their merge: packed (shuffled + deflated) rows compressed by threads and copied as they
-are, against h5py's own filter pipeline."""
+"""Piece files and their merge: packed (shuffled + deflated) rows compressed by threads and copied as they
+are, against h5py's own filter pipeline; atomic outputs."""
 import h5py
 import numpy as np
 import pytest
 
-from transfgu.shards import COMPRESSION, ShardWriter, merge_batches, shuffle_deflate, write_batch
+from transfgu.io import atomic_output
+from transfgu.shards import COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate, write_piece
 
 
 def gradient_like(rng, n, K=5, h=4):
@@ -28,40 +29,38 @@ def test_a_packed_chunk_reads_back_through_hdf5s_own_filters(tmp_path):
     assert zlib.decompress(shuffle_deflate(row)) == zlib.decompress(ref_chunk)
 
 
-def write_shards(folder, batches, n_shards, packed):
-    paths = [folder / f"rank{r}.h5" for r in range(n_shards)]
-    writers = [ShardWriter(p, packed=["gradient"], threads=2, depth=1) if packed else None for p in paths]
-    files = [None if packed else h5py.File(p, "w") for p in paths]
+def write_pieces(folder, batches, n_writers, packed):
+    """Batch b written by writer b % n_writers (as rank b % world would), packed by threads or plain."""
+    writers = [PieceWriter(folder, packed=["gradient"], threads=2, depth=1) for _ in range(n_writers)]
     for b, arrays in enumerate(batches):
-        r = b % n_shards
         if packed:
-            writers[r].write(b, arrays)
+            writers[b % n_writers].write(b, arrays)
         else:
-            write_batch(files[r], b, arrays)
-    for w in writers + files:
-        if w is not None:
-            w.close()
-    return paths
+            write_piece(folder / piece_name(b), arrays)
+    for w in writers:
+        w.close()
+    return [folder / piece_name(b) for b in range(len(batches))]
 
 
-@pytest.mark.parametrize("n_shards", [1, 2, 3])
-def test_packed_shards_merge_to_the_same_values_and_bytes(tmp_path, n_shards):
+@pytest.mark.parametrize("n_writers", [1, 2, 3])
+def test_packed_pieces_merge_to_the_same_values_and_bytes(tmp_path, n_writers):
     rng = np.random.default_rng(1)
     sizes = [4, 4, 0, 3, 4]  # an empty batch too
     batches = [{"attention": rng.random((n, 4, 4)).astype(np.float32), "gradient": gradient_like(rng, n)}
                for n in sizes]
     sizes = {}
     for packed in (True, False):
-        folder = tmp_path / f"{n_shards}-{packed}"
+        folder = tmp_path / f"{n_writers}-{packed}"
         folder.mkdir()
-        paths = write_shards(folder, batches, n_shards, packed)
+        paths = write_pieces(folder, batches, n_writers, packed)
         if packed:
             with h5py.File(paths[0], "r") as h5:
-                ds = h5["batch0/gradient"]
+                ds = h5["gradient"]
                 assert ds.chunks == (1, 5, 4, 4) and ds.compression == "gzip" and ds.shuffle
+        assert sorted(p.name for p in folder.iterdir()) == [p.name for p in paths]  # no temporary file left
         out = folder / "merged.h5"
         with h5py.File(out, "w") as h5:
-            merge_batches(paths, len(batches), h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+            merge_batches(paths, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
         with h5py.File(out, "r") as h5:
             np.testing.assert_array_equal(h5["gradient"][...], np.concatenate([b["gradient"] for b in batches]))
             np.testing.assert_array_equal(h5["attention"][...], np.concatenate([b["attention"] for b in batches]))
@@ -71,21 +70,45 @@ def test_packed_shards_merge_to_the_same_values_and_bytes(tmp_path, n_shards):
     assert abs(sizes[True] - sizes[False]) <= 0.05 * sizes[False]
 
 
-def test_merged_file_bytes_do_not_depend_on_the_number_of_shards(tmp_path):
+def test_merged_file_bytes_do_not_depend_on_the_number_of_writers(tmp_path):
     rng = np.random.default_rng(2)
     batches = [{"gradient": gradient_like(rng, n)} for n in (3, 3, 2, 3)]
     files = []
-    for n_shards in (1, 2):
-        folder = tmp_path / str(n_shards)
+    for n_writers in (1, 2):
+        folder = tmp_path / str(n_writers)
         folder.mkdir()
-        paths = write_shards(folder, batches, n_shards, packed=True)
+        paths = write_pieces(folder, batches, n_writers, packed=True)
         with h5py.File(folder / "m.h5", "w") as h5:
-            merge_batches(paths, len(batches), h5, {"gradient": 1}, compressed=["gradient"])
+            merge_batches(paths, h5, {"gradient": 1}, compressed=["gradient"])
         files.append((folder / "m.h5").read_bytes())
     assert files[0] == files[1]
 
 
 def test_compressed_arrays_must_be_chunked_by_row(tmp_path):
-    paths = write_shards(tmp_path, [{"gradient": gradient_like(np.random.default_rng(3), 4)}], 1, packed=False)
+    paths = write_pieces(tmp_path, [{"gradient": gradient_like(np.random.default_rng(3), 4)}], 1, packed=False)
     with h5py.File(tmp_path / "m.h5", "w") as h5, pytest.raises(ValueError, match="one row per chunk"):
-        merge_batches(paths, 1, h5, {"gradient": 2}, compressed=["gradient"])
+        merge_batches(paths, h5, {"gradient": 2}, compressed=["gradient"])
+
+
+def test_a_failed_piece_write_leaves_no_piece(tmp_path):
+    """An error while a piece is written (here: an array h5py cannot store) leaves neither the piece nor its
+    temporary file."""
+    with pytest.raises(TypeError):
+        write_piece(tmp_path / piece_name(0), {"ok": np.zeros(3), "bad": np.array([object()])})
+    assert not list(tmp_path.iterdir())
+
+
+def test_atomic_output_removes_the_temporary_files_of_dead_processes(tmp_path):
+    """A process killed with SIGKILL leaves its temporary name behind; the next write removes it (the pid is not
+    a live process), but not one of a live process."""
+    import os
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.txt.tmp-{int(dead.stdout)}"
+    stale.write_text("half")
+    live = tmp_path / f".out.txt.tmp-{os.getppid()}"
+    live.write_text("busy")
+    with atomic_output(tmp_path / "out.txt", durable=True) as tmp:
+        tmp.write_text("done")
+    assert (tmp_path / "out.txt").read_text() == "done" and not stale.exists() and live.exists()

@@ -21,7 +21,7 @@ def groups_of(things_only: bool) -> tuple:
 
 
 def batch_arrays(groups, crops) -> dict:
-    """One batch's shard rows from `crop_features`' per-image lists (one list per group)."""
+    """One batch's piece rows from `crop_features`' per-image lists (one list per group)."""
     arrays = {}
     for group, feats in zip(groups, crops):
         arrays[f"{group}/features"] = torch.cat(feats).numpy().astype(np.float16)
@@ -29,10 +29,11 @@ def batch_arrays(groups, crops) -> dict:
     return arrays
 
 
-def write_feature_bank(path: str | Path, shard_paths, n_batches: int, groups, image_ids, attrs: dict) -> dict:
-    """Assemble the extract stage's shards into the feature bank, atomically. Returns crops per group."""
+def write_feature_bank(path: str | Path, piece_paths, groups, image_ids, attrs: dict) -> dict:
+    """Assemble the extract stage's pieces (one per batch, in batch order) into the feature bank, atomically.
+    Returns crops per group."""
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as h5:
-        counts = merge_batches(shard_paths, n_batches, h5, {f"{g}/features": 1024 for g in groups},
+        counts = merge_batches(piece_paths, h5, {f"{g}/features": 1024 for g in groups},
                                [f"{g}/counts" for g in groups])
         for g in groups:
             h5.create_dataset(f"{g}/offsets", data=np.concatenate([[0], np.cumsum(counts[f"{g}/counts"])]),

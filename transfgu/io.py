@@ -1,10 +1,15 @@
-"""Small I/O helpers: atomic outputs (files and folders), JSON, and the image-id column of the HDF5 artifacts."""
+"""Small I/O helpers: atomic outputs (files and folders), JSON, the image-id column of the HDF5 artifacts, and
+fingerprints of what a run depends on (params, input files, code)."""
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import json
 import os
 import shutil
+import sys
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -12,20 +17,62 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path):
+def atomic_output(path: str | Path, durable: bool = False):
     """Yield a temporary sibling path; on success it is renamed to `path`, on error removed.
-    Works for files and directories, so an interrupted stage never leaves an output that looks complete."""
+    Works for files and directories, so an interrupted stage never leaves an output that looks complete.
+    The temporary names of processes that no longer exist (killed with SIGKILL: no cleanup ran) are removed.
+    `durable`: a file is fsynced before the rename (its contents reach the disk before its name does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     _remove(tmp)
+    for old in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(old)
     try:
         yield tmp
+        if durable and tmp.is_file():
+            fsync_file(tmp)
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def link_tree(src: str | Path, dst: str | Path) -> None:
+    """Make `dst` a folder of hard links to the files of the folder `src` (no data copied; the files are copies
+    where the filesystem has no hard links), so `src` stays whole until it is removed."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_dir():
+            link_tree(f, dst / f.name)
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a file's contents to the disk (what survives a power loss, not only a killed process)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _remove(p: Path):
@@ -50,3 +97,55 @@ def read_json(path: str | Path):
 def write_image_ids(h5: h5py.File, ids) -> None:
     h5.create_dataset("image_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype(), track_times=False)
 
+
+# -- what a run depends on: the key of the work an interrupted stage resumes from (transfgu/shards.py) ------
+FULL_HASH_LIMIT = 256 * 2 ** 20
+
+
+def file_digest(path: str | Path, full_limit: int = FULL_HASH_LIMIT) -> str:
+    """A file's identity, cheaply: the SHA-1 of its contents up to `full_limit` bytes (an index, centroids, a
+    backbone or decoder checkpoint: at most a second); above (a pseudo-mask file of many GB), its size,
+    mtime and the SHA-1 of its first and last MiB. 'missing' when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    st, h = path.stat(), hashlib.sha1()
+    with open(path, "rb") as f:
+        if st.st_size <= full_limit:
+            for block in iter(partial(f.read, 2 ** 20), b""):
+                h.update(block)
+            return h.hexdigest()
+        h.update(f.read(2 ** 20))
+        f.seek(-2 ** 20, os.SEEK_END)
+        h.update(f.read(2 ** 20))
+    return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
+
+
+def loaded_code(*roots: str | Path) -> list:
+    """The source files of the modules this process has imported from under `roots` (the code a stage runs:
+    its import closure), as sorted (name relative to its root, path) pairs."""
+    roots = [Path(r).resolve() for r in roots]
+    files = set()
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if not f or not f.endswith(".py"):
+            continue
+        f = Path(f).resolve()
+        for root in roots:
+            if f.is_relative_to(root):
+                files.add((f"{root.name}/{f.relative_to(root)}", f))
+    return sorted(files)
+
+
+def fingerprint(config: dict, inputs=(), code=()) -> str:
+    """16 hex digits naming what a stage's results depend on: `config` (the params it reads and values
+    resolved at run time, e.g. the precision and the device type; JSON with sorted keys), the input files
+    (`file_digest`; None entries skipped) and the code ((name, path) pairs, e.g. from `loaded_code`). The
+    world size is not part of it: a run with another number of processes computes the same batches."""
+    h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for p in inputs:
+        if p is not None:
+            h.update(f"\0input {Path(p).name}\0{file_digest(p)}".encode())
+    for name, p in code:
+        h.update(f"\0code {name}\0{file_digest(p)}".encode())
+    return h.hexdigest()[:16]

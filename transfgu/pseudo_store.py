@@ -19,21 +19,24 @@ from .io import atomic_output, write_image_ids
 from .pseudo import assemble_pseudo_masks
 from .shards import merge_batches
 
-PACKED = ("gradient",)  # compressed by the shard writer's threads while the device computes the next batches
+PACKED = ("gradient",)  # compressed by the piece writer's threads while the device computes the next batches
 
 
 def batch_arrays(attention: torch.Tensor, gradient16: torch.Tensor) -> dict:
-    """One batch's rows as the shard stores them: attention (B, h, w) and the float16 gradient term (B, K, h, w)."""
+    """One batch's rows as its piece stores them: attention (B, h, w) and the float16 gradient term (B, K, h, w)."""
     return {"attention": attention.float().cpu().numpy(), "gradient": gradient16.cpu().numpy()}
 
 
-def write_pseudo_masks(path: str | Path, shard_paths, n_batches: int, image_ids, R: int, n_things: int,
-                       n_stuff: int, grad_scale: float) -> None:
-    """Assemble the shards of the pseudo stage into the pseudo-mask file, atomically."""
+def write_pseudo_masks(path: str | Path, piece_paths, image_ids, R: int, n_things: int, n_stuff: int,
+                       grad_scale: float, gather=()) -> dict:
+    """Assemble the pieces of the pseudo stage (one per batch, in batch order) into the pseudo-mask file,
+    atomically. Returns the arrays named in `gather` (other per-batch results the pieces hold, e.g. the stage's
+    confusion counts), concatenated in batch order."""
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as h5:
-        merge_batches(shard_paths, n_batches, h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+        gathered = merge_batches(piece_paths, h5, {"attention": 1, "gradient": 1}, gather, compressed=["gradient"])
         write_image_ids(h5, image_ids)
         h5.attrs.update(R=R, n_things=n_things, n_stuff=n_stuff, grad_scale=grad_scale)
+    return gathered
 
 
 def read_pseudo_masks(h5: h5py.File, i: int) -> torch.Tensor:

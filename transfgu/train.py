@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
+import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import dist
+from . import dist, faults
 from .dist import progress
+from .io import atomic_output
 from .augment import augment, draw_params
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
 from .metrics import segmentation_scores
@@ -104,26 +108,86 @@ def train_step(backbone, student, teacher, optimizer, images, maps, cfg, things_
     return decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only, alpha, permutation)
 
 
+class NonFiniteLoss(RuntimeError):
+    """A NaN or infinite training loss: training stops at once (the last epoch's checkpoint is kept)."""
+
+
+def rng_state() -> dict:
+    """This process's random number generators (the global torch CPU generator: dropout and the DataLoader's
+    seeds; CUDA's; numpy's and python's), in types torch.load(weights_only=True) reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss], "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    v, internal, gauss_next = state["python"]
+    random.setstate((v, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def remove_checkpoint(path: str | Path) -> None:
+    """Once the results are written: the checkpoint is removed (fault point `train:end` before)."""
+    faults.reached("train", "end")
+    Path(path).unlink(missing_ok=True)
+
+
 def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
-                  n_classes: int, device, on_epoch=None):
+                  n_classes: int, device, on_epoch=None, checkpoint: str | Path | None = None):
     """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
 
     The best epoch is chosen by mIoU + pixel accuracy on val_loader when given, else the last epoch is
     kept. The backbone features of each augmented batch are computed once and shared by the student
-    and the teacher."""
+    and the teacher. on_epoch(row) is called with each epoch's history row as it is done.
+
+    checkpoint: a file where the whole state is kept after every epoch (rank 0 writes it atomically, every rank
+    reads it): student, teacher, initial weights (for the resets), optimizer, every random generator (each
+    rank's torch / CUDA / numpy / python ones, the concept permutation generator), history and the best state so
+    far. When it exists, training resumes at the next epoch and ends with the same weights and history as an
+    uninterrupted run (on the CPU, with the same number of processes: with another number, rank r takes the
+    random state of rank r % the old number and a warning says so). The caller removes it once the results are
+    written (`remove_checkpoint`). A NaN or infinite loss raises NonFiniteLoss at once, naming the epoch and
+    the step; the checkpoint keeps the last good epoch."""
     p = backbone.patch_size
     decoder.to(device)
     init_state = copy.deepcopy(decoder.state_dict())
     teacher = copy.deepcopy(decoder).eval()
+    optimizer = torch.optim.Adam(decay_groups(decoder.named_parameters(), cfg.weight_decay), lr=cfg.lr)
+    perm_gen = torch.Generator().manual_seed(cfg.seed)
+    plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
+    history, best, best_score, start, rngs = [], None, -np.inf, 0, None
+    if checkpoint is not None and dist.broadcast_object(Path(checkpoint).is_file()):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        decoder.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        init_state, best = state["init"], state["best"]
+        for sd in (init_state, best):  # moved in place: the same OrderedDict (with its _metadata) is saved
+            for k, v in sd.items():
+                sd[k] = v.to(device)
+        optimizer.load_state_dict(state["optimizer"])
+        perm_gen.set_state(state["perm_gen"])
+        history, best_score, start, rngs = state["history"], state["best_score"], state["epoch"] + 1, state["rng"]
+        if len(rngs) != dist.world_size():
+            log.warning("the checkpoint was written by %d process(es), this run has %d: rank r continues with the "
+                        "random state of rank r %% %d (dropout masks differ from an uninterrupted run)",
+                        len(rngs), dist.world_size(), len(rngs))
+        log.info("resuming from %s: epochs 0-%d done, %d to go", checkpoint, start - 1, cfg.epochs - start)
     student = decoder
     if dist.world_size() > 1:  # gradients averaged over ranks; every rank holds the same weights
         student = torch.nn.parallel.DistributedDataParallel(
             decoder, device_ids=[device] if torch.device(device).type == "cuda" else None)
-    optimizer = torch.optim.Adam(decay_groups(decoder.named_parameters(), cfg.weight_decay), lr=cfg.lr)
-    perm_gen = torch.Generator().manual_seed(cfg.seed)
-    plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
-    history, best, best_score = [], None, -np.inf
+    if rngs is not None:
+        set_rng_state(rngs[dist.rank() % len(rngs)])
     for epoch, plan in enumerate(plans):
+        if epoch < start:
+            continue
         t0 = time.time()
         if plan.handover:
             teacher.load_state_dict(decoder.state_dict())
@@ -143,8 +207,14 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
                 if plan.bootstrapping else None
             losses = train_step(backbone, student, teacher if plan.bootstrapping else None, optimizer, images, maps,
                                 cfg, things_only, plan.alpha, perm)
-            for k, v in zip(sums, losses):
-                sums[k] += v.item()
+            values = [v.item() for v in losses]
+            if not math.isfinite(values[0]):
+                kept = f"{checkpoint} keeps epoch {epoch - 1}" if checkpoint is not None and epoch > 0 else \
+                    "no checkpoint kept"
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {n_batches}: " + ", ".join(
+                    f"{k} {v}" for k, v in zip(sums, values)) + f"; training stopped, {kept}")
+            for k, v in zip(sums, values):
+                sums[k] += v
             n_batches += 1
         means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()
         row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in zip(sums, means.tolist())},
@@ -161,6 +231,17 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
         log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
         if score > best_score:
             best_score, best = score, copy.deepcopy(decoder.state_dict())
+        if checkpoint is not None:
+            rngs = dist.all_gather_objects(rng_state())  # after the epoch's last draw (validation included)
+            if dist.is_main():
+                state = {"epoch": epoch, "student": decoder.state_dict(), "teacher": teacher.state_dict(),
+                         "init": init_state, "optimizer": optimizer.state_dict(), "perm_gen": perm_gen.get_state(),
+                         "rng": rngs, "sampler_epoch": epoch, "history": history, "best": best,
+                         "best_score": best_score}
+                with atomic_output(checkpoint, durable=True) as tmp:
+                    torch.save(state, tmp)
+                    faults.reached("train", epoch + 1 - start, partial=True)
+            faults.reached("train", epoch + 1 - start)
         if on_epoch is not None:
             on_epoch(row)
     return best, history
