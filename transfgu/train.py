@@ -193,7 +193,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             teacher.load_state_dict(decoder.state_dict())
             decoder.load_state_dict(init_state)
         decoder.train()
-        if hasattr(train_loader.batch_sampler, "set_epoch"):
+        if hasattr(getattr(train_loader, "batch_sampler", None), "set_epoch"):
             train_loader.batch_sampler.set_epoch(epoch)
         sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
         n_batches = 0
@@ -241,6 +241,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
                 with atomic_output(checkpoint, durable=True) as tmp:
                     torch.save(state, tmp)
                     faults.reached("train", epoch + 1 - start, partial=True)
+            dist.barrier()  # every rank past this point: the epoch is stored
             faults.reached("train", epoch + 1 - start)
         if on_epoch is not None:
             on_epoch(row)
