@@ -61,13 +61,16 @@ def _is_row_packed(ds: h5py.Dataset) -> bool:
 def keyed_path(final: Path, kind: str, key: str) -> Path:
     """`.<final name>.<kind>-<key>` next to `final` (outside DVC's outs: a hidden sibling), where a stage
     keeps its work in progress. Rank 0 removes the siblings of the same kind with another key (a killed run
-    with other params or inputs) and the shard folders of older versions (`.<name>.shards-<pid>`)."""
+    with other params, inputs or code), the shard folders of older versions (`.<name>.shards-<pid>`) and the
+    temporary files of killed writes of any key (no process writes them before this call returns)."""
     path = final.parent / f".{final.name}.{kind}-{key}"
     if dist.is_main():
         for old in [*final.parent.glob(f".{final.name}.{kind}-*"), *final.parent.glob(f".{final.name}.shards-*")]:
             if old != path:
                 log.info("removing %s, left by an interrupted run with other params, inputs or code", old)
                 shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+        for tmp in final.parent.glob(f"..{final.name}.{kind}-*.tmp-*"):
+            shutil.rmtree(tmp) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink()
     return path
 
 
