@@ -256,6 +256,25 @@ def test_evaluate_with_a_given_decoder_resumes(project):
     assert hidden(published) == [] and hidden(root / "outputs") == []
 
 
+def test_train_stops_on_a_non_finite_loss_with_a_one_line_error(project):
+    """lr = 1e30 overflows the weights at the first step: the second step's loss is NaN; exit status 1, one line."""
+    root = project
+    reset(root, "train")
+    before = yaml.safe_load((root / "params.yaml").read_text())["train"]["lr"]
+    set_param(root, "train", "lr", 1.0e30)
+    try:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env.pop("TRANSFGU_FAULT", None)
+        proc = subprocess.run([sys.executable, "stages/train.py"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+    finally:
+        set_param(root, "train", "lr", before)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train: non-finite loss at epoch 0, step 1: loss nan"), proc.stderr[-2000:]
+    assert not (root / "outputs" / "decoder.pt").exists()
+
+
 # -- in-process ---------------------------------------------------------------------------------------------------
 def test_a_non_finite_loss_stops_training_at_once_keeping_the_last_checkpoint(tmp_path, one_thread):
     """A weight turned NaN after epoch 0 (by the on_epoch callback, after the checkpoint) gives a NaN loss at the
