@@ -270,3 +270,57 @@ def test_disk_error_of_atomic_output_names_the_needed_size(tmp_path):
     with pytest.raises(ValueError, match="not a disk error"):  # other errors pass through unchanged
         with atomic_output(target) as tmp:
             raise ValueError("not a disk error")
+
+
+# -- transfgu predict ---------------------------------------------------------------------------------------
+@pytest.fixture()
+def predict_dir(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transfgu.models.decoder import build_decoder
+    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "root": str(tmp_path / "data"), "R": 32},
+              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    torch.save(build_decoder(6, 192, seed=1).state_dict(), tmp_path / "decoder.pt")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(imgs / name)
+    trees.truncate(imgs / "b.png")
+    return tmp_path
+
+
+def predict(root, *extra):
+    from transfgu.cli import main
+    return main(["predict", str(root / "imgs"), "--decoder", str(root / "decoder.pt"), "--params",
+                 str(root / "params.yaml"), "--out", str(root / "out"), *extra])
+
+
+def test_predict_with_a_decoder_of_another_backbone_is_one_line(predict_dir, caplog):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir, "--arch", "vit_small")
+    assert e.value.code == 2
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == (f"{predict_dir / 'decoder.pt'} was trained on a backbone of width 192 (vit_mini, "
+                                   f"vit_tiny), but the backbone is vit_small of width 384: pass --arch (and "
+                                   f"--checkpoint) of the backbone it was trained with, or its params.yaml")
+    assert not (predict_dir / "out").exists()
+
+
+def test_predict_stops_at_an_unreadable_image_or_skips_it(predict_dir, caplog):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir)
+    assert e.value.code == 2
+    assert any("cannot read image" in r.getMessage() and "b.png" in r.getMessage() for r in caplog.records)
+    predict(predict_dir, "--skip-bad")
+    assert sorted(p.name for p in (predict_dir / "out").glob("*_label.png")) == ["a_label.png", "c_label.png"]
+    assert any(r.levelname == "WARNING" and "b.png" in r.getMessage() for r in caplog.records)
+
+
+def test_predict_with_a_missing_checkpoint_is_one_line(predict_dir, caplog):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir, "--checkpoint", str(predict_dir / "nope.pth"))
+    assert e.value.code == 2
+    assert any("backbone checkpoint not found" in r.getMessage() for r in caplog.records)
