@@ -5,7 +5,7 @@ batch order, so the feature bank is the same file whatever the number of process
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import FEATURE_BANK, INDEX, log, setup, size_mb, timed
+from common import FEATURE_BANK, INDEX, log, setup, size_mb, stage_main, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -18,6 +18,7 @@ from transfgu.shards import BatchShards
 
 
 @record
+@stage_main
 def main():
     params = setup("extract")
     cfg, R = params["extract"], int(params["dataset"]["R"])

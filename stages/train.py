@@ -6,7 +6,7 @@ import torch
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, setup, task_of, timed
+from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, setup, stage_main, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -24,6 +24,7 @@ LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "
 
 
 @record
+@stage_main
 def main():
     params = setup("train")
     task, cfg, R, seed = task_of(params), params["train"], int(params["dataset"]["R"]), int(params["seed"])
