@@ -3,15 +3,17 @@ measured in the same run on random weights and synthetic in-memory batches.
 
     python benchmarks/bench.py             # published sizes: ViT-S/8, R = 320 (meant for a GPU)
     python benchmarks/bench.py --quick     # tiny sizes on the CPU, well under a minute (smoke check)
-    python benchmarks/bench.py --stages pseudo27 extract
+    python benchmarks/bench.py --stages pseudo27 extract extract_cut
 
 Prints one JSON line per stage: stage, img_per_s, baseline_img_per_s, speedup, peak_mem_mb, device,
 precision. The baselines are what the original code does, in float32: per-window crops resized one by
 one, one backward pass per concept through the full attention matrix, the frozen encoder run separately
 for student and teacher, explicit (unfused) attention, scikit-learn k-means. The new paths run at the
 pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp32, and bf16 as the
-`*_bf16` stages). The load_* stages time the data loading of the extract, pseudo and train stages on
-JPEG files (and the pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process.
+`*_bf16` stages). extract_cut times the crop cut alone (every window of a batch, the published slice resized
+to R): one gather and one F.interpolate per window size against a slice + F.interpolate per window. The
+load_* stages time the data loading of the extract, pseudo and train stages on JPEG files (and the
+pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process.
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from transfgu.augment import augment, draw_params  # noqa: E402
-from transfgu.crops import THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, select_crops  # noqa: E402
+from transfgu.crops import (THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, cut_crops,  # noqa: E402
+                            select_crops, window_pixel_boxes)
 from transfgu.data.dataset import SplitDataset  # noqa: E402
 from transfgu.data.synthetic import generate_scene  # noqa: E402
 from transfgu.shards import (COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate,  # noqa: E402
@@ -94,18 +97,25 @@ def fused(backbone):
 
 # -- straightforward paths ----------------------------------------------------------------------------
 def extract_baseline(backbone, images, windows, R):
-    """Per image: attention map, then each selected window cut and resized on its own, crops forwarded."""
+    """Per image: attention map, then each selected window cut (the published slice, one pixel short of the
+    window on the bottom and right) and resized on its own, crops forwarded."""
     p = backbone.patch_size
     feats = []
     for img in images:
         grid = img.shape[-1] // p
         thing, stuff = select_crops(backbone.cls_attention(img[None]).view(1, grid, grid), windows)
-        crops = [F.interpolate(img[None, :, y0 * p:y1 * p, x0 * p:x1 * p], size=(R, R), mode="bilinear",
+        crops = [F.interpolate(img[None, :, y0 * p:y1 * p - 1, x0 * p:x1 * p - 1], size=(R, R), mode="bilinear",
                                align_corners=False)
                  for keep in (thing[0], stuff[0]) for (y0, x0, y1, x1) in windows[keep].tolist()]
         if crops:
             feats.append(backbone(torch.cat(crops))[:, 0])
     return feats
+
+
+def cut_baseline(images, image_index, boxes, R):
+    """Each crop sliced from its image and resized on its own."""
+    return torch.cat([F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=(R, R), mode="bilinear", align_corners=False)
+                      for i, (y0, x0, y1, x1) in zip(image_index.tolist(), boxes.tolist())])
 
 
 def pseudo_baseline(backbone, images, centroids):
@@ -143,6 +153,25 @@ def bench_extract(s, device, repeats):
     fused(backbone)
     return s["batch"] / new, s["batch"] / old, {"crops_per_image": n_crops / s["batch"],
                                                 "crops_per_s": n_crops / new, "precision": auto(device)}
+
+
+def bench_extract_cut(s, device, repeats):
+    """The cut alone, on every window of every image of a batch, crop_batch crops at a time (the extract stage
+    cuts the selected ones): cut_crops against cut_baseline, on the same boxes; the largest difference too."""
+    images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
+    windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
+    boxes = window_pixel_boxes(windows, 8).repeat(s["batch"], 1).to(device)
+    image_index = torch.arange(s["batch"], device=device).repeat_interleave(len(windows))
+    chunks = [slice(i, i + s["crop_batch"]) for i in range(0, len(boxes), s["crop_batch"])]
+
+    def run(cut):
+        return [cut(images, image_index[c], boxes[c], s["R"]) for c in chunks]
+
+    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline)))
+    new = timeit(lambda: run(cut_crops), device, repeats)
+    old = timeit(lambda: run(cut_baseline), device, repeats)
+    return s["batch"] / new, s["batch"] / old, {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
+                                                "crop_px": s["R"], "max_abs_diff": diff}
 
 
 def stored_mb_per_image(a, q) -> float:
@@ -454,7 +483,8 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
         "baseline_iterations_timed": timed, "baseline_extrapolated": bool(timed is not None and timed < niter)}
 
 
-STAGES = {"extract": bench_extract, "pseudo27": bench_pseudo(27), "pseudo171": bench_pseudo(171),
+STAGES = {"extract": bench_extract, "extract_cut": bench_extract_cut, "pseudo27": bench_pseudo(27),
+          "pseudo171": bench_pseudo(171),
           "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
           "pseudo_write": bench_pseudo_write, "pieces": bench_pieces, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
           "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train")}

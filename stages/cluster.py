@@ -1,13 +1,14 @@
 """cluster: k-means of the thing and stuff crop features into the concept centroids (docs/method.md section 2)."""
 import numpy as np
 
-from common import CENTROIDS, FEATURE_BANK, log, setup, task_of, timed
+from common import CENTROIDS, FEATURE_BANK, log, setup, stage_main, task_of, timed
 
 from transfgu.cluster import describe_backend, kmeans, resolve_backend
 from transfgu.feature_bank import read_features
 from transfgu.io import atomic_output
 
 
+@stage_main
 def main():
     params = setup("cluster")
     task, cfg, seed = task_of(params), params["cluster"], int(params["seed"])

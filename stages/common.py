@@ -3,9 +3,13 @@ task, timing. The library under transfgu/ never reads params.yaml; the stage scr
 network also use runtime.py (device, backbone, precision, workers)."""
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
 import os
 import random
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,9 +19,11 @@ import torch
 import yaml
 
 import transfgu
+from checks import check_index, check_params
 from transfgu import dist
-from transfgu.data.tasks import dataset_is_things_only, resolve_task
-from transfgu.io import fingerprint, loaded_code
+from transfgu.data.tasks import resolve_task
+from transfgu.errors import BadInput, InputFileNotFound, InputValueError
+from transfgu.io import disk_error, fingerprint, is_disk_error, loaded_code
 
 # The artifacts (dvc.yaml's outs), relative to the project root:
 OUT = Path("outputs")
@@ -45,22 +51,30 @@ STAGE_PARAMS = {
 }
 
 
+def read_params() -> tuple[dict, Path]:
+    """params.yaml (or $TRANSFGU_PARAMS), checked against the schema (stages/checks.py)."""
+    params_path = Path(os.environ.get("TRANSFGU_PARAMS", "params.yaml"))
+    if not params_path.is_file():
+        raise InputFileNotFound(f"{params_path} not found: run the stages from the project root")
+    try:
+        params = yaml.safe_load(params_path.read_text())
+    except yaml.YAMLError as e:
+        raise InputValueError(f"{params_path}: not valid YAML: {e}") from None
+    check_params(params, params_path)
+    return params, params_path
+
+
 def setup(stage: str) -> dict:
-    """Join the torchrun process group if there is one, read params.yaml, configure logging and seeds,
-    validate the dataset/granularity pair. Ranks other than 0 log warnings only and show no progress bars."""
+    """Join the torchrun process group if there is one, read and check params.yaml (and, after prepare, that
+    the split index suits it), configure logging and seeds. Ranks other than 0 log warnings only and show no
+    progress bars."""
     dist.init_from_env()
     tag = f"{stage} rank {dist.rank()}/{dist.world_size()}" if dist.world_size() > 1 else stage
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
                         format=f"%(asctime)s [{tag}] %(message)s", datefmt="%H:%M:%S")
-    params_path = Path(os.environ.get("TRANSFGU_PARAMS", "params.yaml"))
-    if not params_path.is_file():
-        raise SystemExit(f"{params_path} not found: run the stages from the project root")
-    params = yaml.safe_load(params_path.read_text())
-    try:
-        dataset_is_things_only(params["dataset"])
-        resolve_task(params["dataset"], int(params["granularity"]))
-    except ValueError as e:
-        raise SystemExit(f"params.yaml: {e}") from None
+    params, params_path = read_params()
+    if stage != "prepare" and INDEX.is_file():
+        check_index(params, json.loads(INDEX.read_text()), params_path, dist.world_size())
     seed = int(params["seed"])
     random.seed(seed)
     np.random.seed(seed)
@@ -84,6 +98,32 @@ def run_key(stage: str, params: dict, inputs=(), **resolved) -> str:
     code = loaded_code(Path(transfgu.__file__).parent, Path(__file__).parent)
     checkpoint = (params.get("backbone") or {}).get("checkpoint")
     return dist.broadcast_object(fingerprint(config, [*inputs, checkpoint], code) if dist.is_main() else None)
+
+
+def stage_main(main):
+    """Run a stage's main so that expected bad input (transfgu.errors.BadInput, a SystemExit with a message, a
+    write that failed for the disk's sake) ends the process with its one-line message and exit status 2, no
+    traceback. The message also goes to $TRANSFGU_ERROR_FILE when set (launch.py
+    repeats it after torchrun's own report). Any other exception keeps its traceback."""
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except (BadInput, OSError, SystemExit) as e:
+            if isinstance(e, SystemExit):
+                if not isinstance(e.code, str):  # sys.exit(n): a status, not a message
+                    raise
+            elif not isinstance(e, BadInput):
+                if not is_disk_error(e):
+                    raise
+                e = disk_error(e.filename or "an output", e)  # a write outside atomic_output (e.g. a piece)
+            message = f"error: {e.code if isinstance(e, SystemExit) else e}"
+            print(message, file=sys.stderr, flush=True)
+            if os.environ.get("TRANSFGU_ERROR_FILE"):
+                with contextlib.suppress(OSError):
+                    Path(os.environ["TRANSFGU_ERROR_FILE"]).write_text(message + "\n")
+            sys.exit(2)
+    return wrapper
 
 
 def task_of(params):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, OUT, PSEUDO_METRICS, log, run_key, setup, task_of, timed
+from common import DECODER, INDEX, OUT, PSEUDO_METRICS, log, run_key, setup, stage_main, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -50,6 +50,7 @@ def parse_args(argv=None):
 
 
 @record
+@stage_main
 def main(args=None):
     args = args or argparse.Namespace(decoder=None, out=None)
     params = setup("evaluate")

@@ -7,7 +7,7 @@ batches without a piece (README, "Interrupted runs")."""
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import FEATURE_BANK, INDEX, log, run_key, setup, size_mb, timed
+from common import FEATURE_BANK, INDEX, log, run_key, setup, size_mb, stage_main, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -20,6 +20,7 @@ from transfgu.shards import BatchPieces
 
 
 @record
+@stage_main
 def main():
     params = setup("extract")
     cfg, R = params["extract"], int(params["dataset"]["R"])

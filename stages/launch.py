@@ -7,6 +7,7 @@ c10d rendezvous at launcher.rdzv_endpoint (run the same command on every node, s
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -38,7 +39,15 @@ def main():
     params_path = Path(os.environ.get("TRANSFGU_PARAMS", "params.yaml"))
     params = yaml.safe_load(params_path.read_text()) if params_path.is_file() else {}
     cmd = command(sys.argv[1], params, sys.argv[2:])
-    sys.exit(subprocess.run(cmd).returncode)
+    if cmd[1:3] != ["-m", "torch.distributed.run"]:
+        sys.exit(subprocess.run(cmd).returncode)
+    # under torchrun, a rank's one-line error is followed by torchrun's own report: repeat the line last
+    with tempfile.TemporaryDirectory() as tmp:
+        error_file = Path(tmp) / "error"
+        code = subprocess.run(cmd, env=dict(os.environ, TRANSFGU_ERROR_FILE=str(error_file))).returncode
+        if code and error_file.is_file():
+            print(error_file.read_text().strip(), file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import numpy as np
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, run_key, setup, size_mb, task_of, timed
+from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, run_key, setup, size_mb, stage_main,
+                    task_of, timed)
 from runtime import backbone_of, device, grad_scale_of, precision_of, workers_of
 
 from transfgu import dist, pseudo_store
@@ -26,6 +27,7 @@ from transfgu.shards import BatchPieces
 
 
 @record
+@stage_main
 def main():
     params = setup("pseudo")
     task, cfg, R = task_of(params), params["pseudo"], int(params["dataset"]["R"])

@@ -12,7 +12,7 @@ import torch
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, run_key, setup, task_of, timed
+from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, run_key, setup, stage_main, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -30,6 +30,7 @@ LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "
 
 
 @record
+@stage_main
 def main():
     params = setup("train")
     task, cfg, R, seed = task_of(params), params["train"], int(params["dataset"]["R"]), int(params["seed"])
@@ -75,7 +76,7 @@ def main():
             best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
                                           len(task.class_names), dev, checkpoint=checkpoint)
         except NonFiniteLoss as e:
-            raise SystemExit(f"train: {e}") from None
+            raise SystemExit(str(e)) from None  # one line, exit status 2 (stage_main)
     if dist.is_main():
         with atomic_output(DECODER) as tmp:
             torch.save(best, tmp)

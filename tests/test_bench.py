@@ -27,3 +27,18 @@ def test_quick_benchmark_reports_storage_loading_and_cluster_backend():
     assert 0 < rows["pseudo171_bf16"]["stored_mb_per_image"] < 1
     assert rows["load_train"]["workers"] == 2 and rows["load_train"]["img_per_s"] > 0
     assert rows["cluster"]["backend"] == "torch on cpu" and rows["cluster"]["baseline"] == "faiss-cpu"
+
+
+def test_quick_benchmark_extract_and_cut():
+    """extract and extract_cut: the batched cut equals the per-window slice + F.interpolate on the same boxes."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
+                          "--stages", "extract", "extract_cut"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = {r["stage"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert list(rows) == ["extract", "extract_cut"]
+    for r in rows.values():
+        assert r["img_per_s"] > 0 and r["baseline_img_per_s"] > 0 and r["speedup"] > 0
+    assert rows["extract"]["crops_per_image"] > 0 and rows["extract"]["precision"] == "fp32"
+    cut = rows["extract_cut"]
+    assert cut["crops_per_image"] == 98 and cut["crop_px"] == 32  # quick: R = 32, an 8 x 8 grid
+    assert cut["max_abs_diff"] <= 1e-5

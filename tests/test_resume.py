@@ -257,7 +257,7 @@ def test_evaluate_with_a_given_decoder_resumes(project):
 
 
 def test_train_stops_on_a_non_finite_loss_with_a_one_line_error(project):
-    """lr = 1e30 overflows the weights at the first step: the second step's loss is NaN; exit status 1, one line."""
+    """lr = 1e30 overflows the weights at the first step: the second step's loss is NaN; exit status 2, one line."""
     root = project
     reset(root, "train")
     before = yaml.safe_load((root / "params.yaml").read_text())["train"]["lr"]
@@ -269,9 +269,9 @@ def test_train_stops_on_a_non_finite_loss_with_a_one_line_error(project):
                               timeout=300)
     finally:
         set_param(root, "train", "lr", before)
-    assert proc.returncode == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("train: non-finite loss at epoch 0, step 1: loss nan"), proc.stderr[-2000:]
+    assert last.startswith("error: non-finite loss at epoch 0, step 1: loss nan"), proc.stderr[-2000:]
     assert not (root / "outputs" / "decoder.pt").exists()
 
 

@@ -20,8 +20,10 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from .data.images import ImageFiles, collect_images, to_rgb
+from .data.images import ImageFiles, collect_images, to_rgb, unreadable
 from .data.tasks import resolve_task
+from .errors import BadInput, InputFileNotFound, InputValueError
+from .models.archs import ARCHS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
@@ -66,7 +68,7 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
 def cmd_predict(args):
     params = yaml.safe_load(Path(args.params).read_text()) if Path(args.params).is_file() else None
     if params is None and not args.arch:
-        raise SystemExit(f"{args.params} not found: pass --params or --arch/--patch-size/--checkpoint/--size")
+        raise InputFileNotFound(f"{args.params} not found: pass --params or --arch/--patch-size/--checkpoint/--size")
     b = (params or {}).get("backbone", {})
     arch, patch = args.arch or b["arch"], args.patch_size or int(b["patch_size"])
     checkpoint = args.checkpoint if args.checkpoint is not None else b.get("checkpoint")
@@ -74,9 +76,30 @@ def cmd_predict(args):
     seed = int((params or {}).get("seed", 0))
     decoder_path = Path(args.decoder)
     if not decoder_path.is_file():
-        raise SystemExit(f"{decoder_path} not found: train one with `dvc repro` or pass --decoder")
-    state = torch.load(decoder_path, map_location="cpu", weights_only=True)
-    n_out = state["cls_emb"].shape[1]
+        raise InputFileNotFound(f"{decoder_path} not found: train one with `dvc repro` or pass --decoder")
+    try:
+        state = torch.load(decoder_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, or a pickled object we do not load
+        raise InputValueError(f"{decoder_path}: not a decoder state dict ({e})") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or "cls_emb" not in state:
+        raise InputValueError(f"{decoder_path}: not a decoder state dict (no cls_emb)")
+    n_out, width = state["cls_emb"].shape[1], state["cls_emb"].shape[2]
+    if arch not in ARCHS:
+        raise InputValueError(f"--arch / backbone.arch: unknown '{arch}', expected one of {sorted(ARCHS)}")
+    if ARCHS[arch].embed_dim != width:
+        fits = sorted(a for a, size in ARCHS.items() if size.embed_dim == width) or ["none of ours"]
+        raise InputValueError(f"{decoder_path} was trained on a backbone of width {width} ({', '.join(fits)}), but "
+                              f"the backbone is {arch} of width {ARCHS[arch].embed_dim}: pass --arch (and "
+                              f"--checkpoint) of the backbone it was trained with, or its params.yaml")
+    paths = collect_images(args.images)
+    if args.skip_bad:
+        bad = {p: reason for p in paths if (reason := unreadable(p))}
+        for p, reason in bad.items():
+            log.warning("skipped %s", reason)
+        paths = [p for p in paths if p not in bad]
+        if not paths:
+            raise InputFileNotFound(f"none of the {len(bad)} images could be read")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = build_backbone(arch, patch, checkpoint, seed=seed).to(device)
     if not checkpoint:
@@ -91,7 +114,6 @@ def cmd_predict(args):
             names = None
     precision = resolve_precision(args.precision or (params or {}).get("evaluate", {}).get("precision", "auto"),
                                   device, "--precision / evaluate.precision")
-    paths = collect_images(args.images)
     log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s, %s", len(paths), decoder_path,
              n_out, arch, patch, size, device, precision)
     t0 = time.time()
@@ -117,6 +139,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, help="working resolution R (overrides params)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (with a warning) "
+                   "instead of stopping at the first one")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="fp32 | bf16 | auto = bf16 on a GPU (default: evaluate.precision of params, else auto)")
@@ -124,7 +148,7 @@ def main(argv=None):
     try:
         if args.command == "predict":
             cmd_predict(args)
-    except (FileNotFoundError, OSError, ValueError) as e:
+    except BadInput as e:
         log.error("%s", e)
         sys.exit(2)
 

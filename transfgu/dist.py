@@ -13,6 +13,8 @@ import torch
 import torch.distributed as td
 from tqdm import tqdm
 
+from .errors import InputValueError
+
 
 def world_size() -> int:
     return td.get_world_size() if td.is_initialized() else 1
@@ -105,9 +107,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     def __init__(self, n_items: int, global_batch: int, seed: int):
         world = world_size()
         if global_batch % world:
-            raise ValueError(f"train.batch_size {global_batch} is not divisible by the {world} processes")
+            raise InputValueError(f"train.batch_size {global_batch} is not divisible by the {world} processes")
         if n_items < global_batch:
-            raise ValueError(f"train.batch_size {global_batch} is larger than the {n_items} training images")
+            raise InputValueError(f"train.batch_size {global_batch} is larger than the {n_items} training images")
         self.n, self.global_batch, self.seed = n_items, global_batch, seed
         self.local = global_batch // world
         self.epoch = 0

@@ -12,6 +12,7 @@ import h5py
 import numpy as np
 import torch
 
+from .errors import InputFileNotFound, InputValueError
 from .io import atomic_output, write_image_ids
 from .shards import merge_batches
 
@@ -47,8 +48,8 @@ def read_features(path: str | Path, group: str) -> np.ndarray:
     """All crop vectors of a group as float32 (M, D). A clear error when the file or the group is missing."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the extract stage first (dvc repro)")
+        raise InputFileNotFound(f"{path} not found: run the extract stage first (dvc repro)")
     with h5py.File(path, "r") as h5:
         if f"{group}/features" not in h5:
-            raise ValueError(f"{path} has no {group} crops: re-run extract for this dataset")
+            raise InputValueError(f"{path} has no {group} crops: re-run extract for this dataset")
         return np.asarray(h5[f"{group}/features"][:], dtype=np.float32)  # no second copy when float32

@@ -3,6 +3,7 @@ fingerprints of what a run depends on (params, input files, code)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -15,13 +16,49 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import InputFileNotFound, OutputWriteError
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG}
+
+
+def is_disk_error(e: BaseException) -> bool:
+    """A write that failed for the disk's sake (full, quota, read-only, I/O error), also as HDF5 reports it."""
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in DISK_ERRNOS:
+        return True
+    text = str(e)
+    return any(os.strerror(n) in text or f"errno = {n}," in text for n in DISK_ERRNOS)
+
+
+def _size(p: Path) -> int:
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return p.stat().st_size if p.exists() else 0
+
+
+def disk_error(path: str | Path, e: OSError, written: int = 0, needed: int | None = None) -> OutputWriteError:
+    """One line for a failed write: the path, why, how much was written, how much is needed and free."""
+    path = Path(path)
+    probe = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    reason = os.strerror(e.errno) if e.errno in DISK_ERRNOS else str(e).splitlines()[0]
+    need = (f"it needs about {needed / 2 ** 20:.1f} MB" if needed else
+            f"it needs more than the {written / 2 ** 20:.1f} MB written before the failure")
+    return OutputWriteError(f"writing {path} failed: {reason}; {need}, {free / 2 ** 20:.1f} MB are free there. "
+                            f"It was not written: free space and re-run (extract, pseudo, evaluate and train "
+                            f"keep their completed work and resume)")
+
 
 @contextlib.contextmanager
-def atomic_output(path: str | Path, durable: bool = False):
+def atomic_output(path: str | Path, needed_bytes: int | None = None, durable: bool = False):
     """Yield a temporary sibling path; on success it is renamed to `path`, on error removed.
     Works for files and directories, so an interrupted stage never leaves an output that looks complete.
     The temporary names of processes that no longer exist (killed with SIGKILL: no cleanup ran) are removed.
-    `durable`: a file is fsynced before the rename (its contents reach the disk before its name does)."""
+    A write that fails for the disk's sake (full, I/O error) becomes an OutputWriteError naming the path and
+    the space needed (`needed_bytes` when the caller knows it) and free. `durable`: a file is fsynced before
+    the rename (its contents reach the disk before its name does)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -37,6 +74,10 @@ def atomic_output(path: str | Path, durable: bool = False):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except OSError as e:
+        if isinstance(e, OutputWriteError) or not is_disk_error(e):
+            raise
+        raise disk_error(path, e, _size(tmp), needed_bytes) from e
     finally:
         _remove(tmp)
 
@@ -90,7 +131,7 @@ def write_json(path: str | Path, obj) -> None:
 def read_json(path: str | Path):
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+        raise InputFileNotFound(f"{path} not found: run the stage that writes it first (dvc repro)")
     return json.loads(path.read_text())
 
 

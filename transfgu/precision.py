@@ -11,13 +11,15 @@ from contextlib import nullcontext
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16")
+from .choices import PRECISIONS
+from .errors import InputValueError
+
 
 
 def resolve_precision(value, device, param: str) -> str:
     """'fp32' or 'bf16' for a `precision` param value on `device`; a clear error for anything else."""
     if value not in PRECISIONS:
-        raise ValueError(f"{param}: expected one of {', '.join(PRECISIONS)}, got {value!r}")
+        raise InputValueError(f"{param}: expected one of {', '.join(PRECISIONS)}, got {value!r}")
     if value == "auto":
         return "bf16" if torch.device(device).type == "cuda" else "fp32"
     return value

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import torch
 
+from .errors import InputFileNotFound, InputValueError
 from .io import atomic_output, write_image_ids
 from .pseudo import assemble_pseudo_masks
 from .shards import merge_batches
@@ -50,11 +51,11 @@ def check_pseudo_masks(path: str | Path, n_concepts: int, granularity: int) -> N
     """A clear error when the file is missing or holds another number of maps than the task needs."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the pseudo stage first (dvc repro)")
+        raise InputFileNotFound(f"{path} not found: run the pseudo stage first (dvc repro)")
     with h5py.File(path, "r") as h5:
         n_maps = h5["gradient"].shape[1]
     if n_maps != n_concepts:
-        raise ValueError(f"{path} has {n_maps} maps per image, granularity {granularity} needs {n_concepts}: "
+        raise InputValueError(f"{path} has {n_maps} maps per image, granularity {granularity} needs {n_concepts}: "
                          f"re-run pseudo")
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputFileNotFound, InputValueError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 COCO_SPLITS = {"train": "train2017", "val": "val2017"}
 
 
 def _require(path: Path, what: str, section: str) -> Path:
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: expected {path} (README, 'Data layout' > {section})")
+        raise InputFileNotFound(f"{what} not found: expected {path} (README, 'Data layout' > {section})")
     return path
 
 
@@ -91,12 +93,12 @@ def folder(root: Path, split: str) -> list[dict]:
     for p in sorted(images.iterdir()):
         if p.suffix.lower() in IMAGE_EXTENSIONS:
             if p.stem in seen:
-                raise ValueError(f"{p} and {seen[p.stem]} have the same name stem '{p.stem}': image ids (and "
+                raise InputValueError(f"{p} and {seen[p.stem]} have the same name stem '{p.stem}': image ids (and "
                                  f"their label files) must be unique")
             seen[p.stem] = p
             label = f"labels/{split}/{p.stem}.png"
             if labelled and not (root / label).is_file():
-                raise FileNotFoundError(f"no label for {p}: expected {root / label} (README, 'Data layout' > "
+                raise InputFileNotFound(f"no label for {p}: expected {root / label} (README, 'Data layout' > "
                                         f"Your own images)")
             entries.append({"id": p.stem, "image": f"images/{split}/{p.name}", "label": label if labelled else None})
     return entries

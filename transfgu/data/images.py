@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import InputFileNotFound, InputOSError, InputValueError
 from .adapters import IMAGE_EXTENSIONS
 from .labels import INVALID
 
@@ -33,7 +34,7 @@ def load_rgb(path: Path, size: int) -> torch.Tensor:
             im = to_rgb(im).resize((size, size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise OSError(f"cannot read image {path}: {e}") from e
+        raise InputOSError(f"cannot read image {path}: {e}") from e
 
 
 def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
@@ -45,15 +46,24 @@ def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
                 raise OSError(f"label maps must be single-channel (L, P or 16-bit), got mode {im.mode}")
             raw = np.asarray(im.resize((size, size), Image.NEAREST)).astype(np.int64)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-        raise OSError(f"cannot read label {path}: {e}") from e
+        raise InputOSError(f"cannot read label {path}: {e}") from e
     if raw.min() < 0 or raw.max() >= len(lut):
-        raise ValueError(f"{path}: label value {int(raw.min() if raw.min() < 0 else raw.max())} is outside "
+        raise InputValueError(f"{path}: label value {int(raw.min() if raw.min() < 0 else raw.max())} is outside "
                          f"the dataset's label map")
     mapped = lut[raw]
     if (mapped == INVALID).any():
         value = int(raw[mapped == INVALID][0])
-        raise ValueError(f"{path}: label value {value} is not a class of this dataset (nor an ignore value)")
+        raise InputValueError(f"{path}: label value {value} is not a class of this dataset (nor an ignore value)")
     return torch.from_numpy(mapped.astype(np.int64))
+
+
+def unreadable(path: Path) -> str | None:
+    """Why an image file cannot be decoded, or None when it can."""
+    try:
+        load_rgb(path, 8)
+        return None
+    except OSError as e:
+        return str(e)
 
 
 def collect_images(inputs) -> list[Path]:
@@ -63,21 +73,21 @@ def collect_images(inputs) -> list[Path]:
         if any(c in item for c in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
             if not matches:
-                raise FileNotFoundError(f"no file matches {item!r}")
+                raise InputFileNotFound(f"no file matches {item!r}")
             found += [p for p in matches if p.is_file()]
         elif Path(item).is_dir():
             found += sorted(p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
         elif Path(item).is_file():
             found.append(Path(item))
         else:
-            raise FileNotFoundError(f"{item}: no such image, folder or pattern")
+            raise InputFileNotFound(f"{item}: no such image, folder or pattern")
     seen, out = set(), []
     for p in found:
         if p.resolve() not in seen:
             seen.add(p.resolve())
             out.append(p)
     if not out:
-        raise FileNotFoundError(f"no images found in {list(inputs)}")
+        raise InputFileNotFound(f"no images found in {list(inputs)}")
     return out
 
 

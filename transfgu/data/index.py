@@ -2,11 +2,14 @@
 outputs/index.json, and which splits are labelled."""
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from pathlib import Path
 
+from ..errors import InputFileNotFound, InputValueError
 from . import adapters, synthetic
-from .images import load_rgb
+from .images import unreadable
 from .tasks import DATASETS, FOLDER, Task, valid_pairs
 
 log = logging.getLogger(__name__)
@@ -26,12 +29,12 @@ def image_list_of(cfg: dict, split: str) -> Path | None:
     if isinstance(value, str):
         shipped = DATASETS[name].image_lists if name in DATASETS else {}
         if value not in shipped:
-            raise ValueError(f"dataset.image_list: '{value}' is not a list set shipped for dataset '{name}' "
+            raise InputValueError(f"dataset.image_list: '{value}' is not a list set shipped for dataset '{name}' "
                              f"(shipped: {sorted(shipped) or 'none'}); give a name of those or "
                              f"{{train: <list file>, val: <list file>}}")
         return SHIPPED_LISTS / shipped[value][split]
     if not isinstance(value, dict) or set(value) - {"train", "val"}:
-        raise ValueError(f"dataset.image_list: expected null, a shipped list name or {{train: <list file or null>, "
+        raise InputValueError(f"dataset.image_list: expected null, a shipped list name or {{train: <list file or null>, "
                          f"val: <list file or null>}}, got {value!r}")
     return Path(value[split]) if value.get(split) else None
 
@@ -49,7 +52,7 @@ def list_split(cfg: dict, split: str) -> list[dict]:
             log.warning("%s: %d of its %d ids are not among the %s images found under %s", image_list,
                         len(set(listed)) - len(entries), len(set(listed)), split, root)
     if not entries:
-        raise FileNotFoundError(f"no {split} images found for dataset '{name}' under {root} "
+        raise InputFileNotFound(f"no {split} images found for dataset '{name}' under {root} "
                                 f"(README, 'Data layout')")
     return entries
 
@@ -64,7 +67,7 @@ def prepare_index(cfg: dict, seed: int, check_images: bool = False, num_workers:
         s = cfg.get("synthetic", {})
         synthetic.write_synthetic_dataset(root, s["n_train"], s["n_val"], s["size"], seed)
     elif name not in DATASETS and name != FOLDER:
-        raise ValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
+        raise InputValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
     splits, skipped = {}, {}
     for split in ("train", "val"):
         entries = list_split(cfg, split)
@@ -73,15 +76,28 @@ def prepare_index(cfg: dict, seed: int, check_images: bool = False, num_workers:
             skipped[split] = sorted(bad)
             entries = [e for e in entries if e["image"] not in bad]
         splits[split] = entries
-    return {"dataset": name, "root": str(root), "splits": splits, "skipped": skipped}
+    return {"dataset": name, "root": str(root), "splits": splits, "skipped": skipped,
+            "fingerprint": dataset_fingerprint(cfg, splits)}
 
 
-def _check(path: Path):
-    try:
-        load_rgb(path, 8)
-        return None
-    except OSError as e:
-        return str(e)
+def dataset_fingerprint(cfg: dict, splits: dict) -> dict:
+    """What the index records of the files the pipeline reads, so that any change to them changes the index
+    (and DVC re-runs what depends on it): the path, size and modification time of every listed image and label
+    file, and the content of classes.yaml and of the image-list files. A stat per file, no reading: fast on
+    COCO's 246k files. (A file rewritten with the same size and modification time goes unnoticed.)"""
+    root = Path(cfg["root"])
+    digest, n_files, n_bytes = hashlib.sha256(), 0, 0
+    for split in sorted(splits):
+        for e in splits[split]:
+            for rel in (e["image"], e.get("label")):
+                if rel:
+                    st = os.stat(root / rel)
+                    digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                    n_files, n_bytes = n_files + 1, n_bytes + st.st_size
+    for path in [root / "classes.yaml"] + [image_list_of(cfg, split) for split in ("train", "val")]:
+        if path is not None and path.is_file():
+            digest.update(f"{path.name}\0".encode() + path.read_bytes())
+    return {"files": n_files, "bytes": n_bytes, "sha256": digest.hexdigest()}
 
 
 def find_unreadable(root: Path, entries: list[dict], num_workers: int = 0) -> dict:
@@ -90,7 +106,7 @@ def find_unreadable(root: Path, entries: list[dict], num_workers: int = 0) -> di
     from tqdm import tqdm
     paths = [root / e["image"] for e in entries]
     with ThreadPoolExecutor(max(num_workers, 1)) as pool:
-        results = list(tqdm(pool.map(_check, paths), total=len(paths), desc="checking images", leave=False))
+        results = list(tqdm(pool.map(unreadable, paths), total=len(paths), desc="checking images", leave=False))
     return {e["image"]: r for e, r in zip(entries, results) if r is not None}
 
 

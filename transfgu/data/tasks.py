@@ -2,11 +2,13 @@
 and the raw-label map) and the dataset registry (docs/method.md, "Datasets and granularities")."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..errors import InputValueError
 from . import adapters, labels, synthetic
 
 
@@ -91,16 +93,32 @@ def _folder_classes(cfg: dict):
     if not path.is_file():
         return None
     import yaml
+    expected = "expected `classes: [{name: ..., kind: thing|stuff|background}, ...]` (README, 'Your own images')"
     try:
-        entries = yaml.safe_load(path.read_text())["classes"]
-        names = [str(e["name"]) for e in entries]
-        kinds = [str(e.get("kind", "thing")) for e in entries]
-    except (KeyError, TypeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: expected `classes: [{{name: ..., kind: thing|stuff|background}}, ...]` "
-                         f"(README, 'Your own images'): {e}") from None
+        doc = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise InputValueError(f"{path}: not valid YAML ({e}); {expected}") from None
+    if not isinstance(doc, dict) or set(doc) != {"classes"} or not isinstance(doc["classes"], list) \
+            or not doc["classes"]:
+        extra = sorted(set(doc) - {"classes"}) if isinstance(doc, dict) else []
+        raise InputValueError(f"{path}: {expected}" + (f"; unknown key(s) {extra}" if extra else ""))
+    names, kinds = [], []
+    for i, entry in enumerate(doc["classes"]):
+        if not isinstance(entry, dict):
+            raise InputValueError(f"{path}: class {i} is {entry!r}; {expected}")
+        for key in sorted(set(entry) - {"name", "kind"}):
+            hint = difflib.get_close_matches(key, ["name", "kind"], n=1, cutoff=0.0)
+            raise InputValueError(f"{path}: class {i} ({entry.get('name', '?')}): unknown key '{key}' "
+                                  f"(valid: name, kind{'; did you mean ' + hint[0] + '?' if hint else ''}); "
+                                  f"{expected}")
+        for key in ("name", "kind"):
+            if key not in entry:
+                raise InputValueError(f"{path}: class {i} ({entry.get('name', '?')}): missing key '{key}'; {expected}")
+        names.append(str(entry["name"]))
+        kinds.append(str(entry["kind"]))
     bad = sorted(set(kinds) - {"thing", "stuff", "background"})
     if bad or kinds.count("background") > 1 or ("background" in kinds and "stuff" in kinds):
-        raise ValueError(f"{path}: kinds must be thing / stuff / background, with at most one background "
+        raise InputValueError(f"{path}: kinds must be thing / stuff / background, with at most one background "
                          f"class and then no stuff classes; got {kinds}")
     return names, kinds
 
@@ -113,7 +131,7 @@ def dataset_is_things_only(cfg: dict) -> bool:
     if name == FOLDER:
         classes = _folder_classes(cfg)
         return "background" in classes[1] if classes else bool(cfg.get("things_only", False))
-    raise ValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
+    raise InputValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
 
 
 def resolve_task(cfg: dict, granularity: int) -> Task:
@@ -122,10 +140,10 @@ def resolve_task(cfg: dict, granularity: int) -> Task:
     if name == FOLDER:
         return _folder_task(cfg, granularity)
     if name not in DATASETS:
-        raise ValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
+        raise InputValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
     spec = DATASETS[name]
     if granularity not in spec.granularities:
-        raise ValueError(f"granularity: {granularity} is not valid for dataset '{name}'. Valid: {valid_pairs()}")
+        raise InputValueError(f"granularity: {granularity} is not valid for dataset '{name}'. Valid: {valid_pairs()}")
     n_things, n_stuff = spec.granularities[granularity]
     names, lut = spec.classes(granularity)
     # Things first, then stuff (COCO-Stuff, synthetic); things-only sets with a background class put it first
@@ -145,7 +163,7 @@ def _folder_task(cfg: dict, granularity: int) -> Task:
         names, kinds = classes
         n_things, n_stuff = kinds.count("thing"), kinds.count("stuff")
         if granularity != n_things + n_stuff:
-            raise ValueError(f"granularity: {granularity} does not match {Path(cfg['root']) / 'classes.yaml'}, "
+            raise InputValueError(f"granularity: {granularity} does not match {Path(cfg['root']) / 'classes.yaml'}, "
                              f"which lists {n_things} thing and {n_stuff} stuff classes: use granularity "
                              f"{n_things + n_stuff}")
         order = list(range(len(names)))
@@ -156,12 +174,12 @@ def _folder_task(cfg: dict, granularity: int) -> Task:
         return Task(FOLDER, granularity, n_things, n_stuff, "background" in kinds,
                     tuple(names[i] for i in order), lut, tuple(kinds[i] for i in order))
     if (Path(cfg["root"]) / "labels").is_dir():
-        raise ValueError(f"{Path(cfg['root']) / 'labels'} exists but {Path(cfg['root']) / 'classes.yaml'} does "
+        raise InputValueError(f"{Path(cfg['root']) / 'labels'} exists but {Path(cfg['root']) / 'classes.yaml'} does "
                          f"not: labels need the class list (README, 'Your own images')")
     only = bool(cfg.get("things_only", False))
     n_things = granularity if only else int(cfg.get("n_things") or 0)
     if n_things < 1 or n_things > granularity or (not only and n_things == granularity):
-        raise ValueError(f"granularity / dataset.n_things: a folder without classes.yaml needs 1 <= "
+        raise InputValueError(f"granularity / dataset.n_things: a folder without classes.yaml needs 1 <= "
                          f"dataset.n_things < granularity (or dataset.things_only: true); got n_things="
                          f"{cfg.get('n_things')}, granularity={granularity}")
     n_stuff = granularity - n_things

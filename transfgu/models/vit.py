@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,26 +16,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
+from ..errors import InputFileNotFound, InputValueError
+from .archs import ARCHS
 from .weights import load_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-@dataclass(frozen=True)
-class ViTArch:
-    embed_dim: int
-    depth: int
-    num_heads: int
-
-
-# vit_small / vit_base are DINO's; vit_mini is the small network of the built-in synthetic default, sized for
-# a 2-core CPU.
-ARCHS = {
-    "vit_mini": ViTArch(embed_dim=192, depth=4, num_heads=3),
-    "vit_tiny": ViTArch(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": ViTArch(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": ViTArch(embed_dim=768, depth=12, num_heads=12),
-}
 
 DINO_CHECKPOINTS = {
     ("vit_small", 8): "dino_deitsmall8_pretrain.pth",
@@ -68,7 +53,7 @@ class DinoViT(nn.Module):
     def __init__(self, arch: str = "vit_small", patch_size: int = 8):
         super().__init__()
         if arch not in ARCHS:
-            raise ValueError(f"backbone.arch: unknown '{arch}', expected one of {sorted(ARCHS)}")
+            raise InputValueError(f"backbone.arch: unknown '{arch}', expected one of {sorted(ARCHS)}")
         size = ARCHS[arch]
         self.arch, self.patch_size, self.embed_dim, self.num_heads = arch, patch_size, size.embed_dim, size.num_heads
         self.vit = VisionTransformer(
@@ -163,7 +148,7 @@ def load_dino_checkpoint(model: DinoViT, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         name = DINO_CHECKPOINTS.get((model.arch, model.patch_size), "the DINO checkpoint for this arch")
-        raise FileNotFoundError(
+        raise InputFileNotFound(
             f"backbone checkpoint not found: {path}. Expected the official DINO weights ({name}), "
             f"published at {DINO_URL} (see README, 'Backbone weights'); nothing is downloaded at run time.")
     try:

@@ -1,0 +1,326 @@
+"""Strict inputs: params.yaml and classes.yaml are checked before any work, and every expected bad input
+(params, missing files, unreadable images, wrong checkpoints, a full disk) ends a stage with one line naming the
+file or key, exit status 2, no traceback, and no output file changed."""
+from __future__ import annotations
+
+import copy
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import dataset_trees as trees
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "stages"))
+from checks import SCHEMA, check_index, check_params  # noqa: E402
+
+from transfgu.errors import BadInput, InputValueError  # noqa: E402
+
+DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def edited(**changes) -> dict:
+    """The default params with dotted keys set (value DELETE removes the key)."""
+    params = copy.deepcopy(DEFAULT)
+    for dotted, value in changes.items():
+        *path, leaf = dotted.split("__")
+        node = params
+        for k in path:
+            node = node[k]
+        if value is DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return params
+
+
+DELETE = object()
+
+
+# -- the schema, in-process ---------------------------------------------------------------------------------
+def test_the_default_params_pass_and_every_key_is_in_the_schema():
+    check_params(DEFAULT)
+
+    def keys(d, prefix=""):
+        return {prefix + k for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict)
+                                                       and k != "image_list" for x in keys(v, f"{prefix}{k}.")}
+    assert keys(DEFAULT) <= keys(SCHEMA)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"train__epoch": 12}, r"params.yaml: unknown key train.epoch: did you mean train.epochs\?"),
+    ({"dataset__thing_only": True}, r"unknown key dataset.thing_only: did you mean dataset.things_only\?"),
+    ({"evaluate__lr": 0.1}, r"unknown key evaluate.lr: did you mean train.lr\?"),
+    ({"optimizer": {"lr": 1}}, r"unknown key optimizer"),
+    ({"train__lr": DELETE}, r"params.yaml: missing key train.lr: expected a number > 0"),
+    ({"cluster": DELETE}, r"params.yaml: missing section cluster"),
+    ({"train__epochs": "12"}, r"params.yaml: train.epochs: expected an integer >= 1, got '12'"),
+    ({"train__epochs": 0}, r"train.epochs: expected an integer >= 1, got 0"),
+    ({"train__epochs": True}, r"train.epochs: expected an integer >= 1, got True"),
+    ({"pseudo__mass": 1.5}, r"pseudo.mass: expected a number > 0 and <= 1, got 1.5"),
+    ({"train__loss_weights": [1, 0.3]}, r"train.loss_weights: expected a list of 3 numbers"),
+    ({"train__select_by": "best"}, r"train.select_by: expected one of val, last, got 'best'"),
+    ({"extract__precision": "half"}, r"extract.precision: expected one of auto, fp32, bf16, got 'half'"),
+    ({"cluster__backend": "gpu"}, r"cluster.backend: expected one of auto, faiss, torch, got 'gpu'"),
+    ({"backbone__arch": "vit_huge"}, r"backbone.arch: expected one of vit_mini, vit_tiny, vit_small, vit_base"),
+    ({"dataset__name": "imagenet"}, r"dataset.name: expected one of synthetic, synthetic-things, cocostuff"),
+    ({"dataset__image_list": {"train": None, "test": "x.txt"}}, r"dataset.image_list: expected null or a string"),
+    ({"dataset__R": 60}, r"dataset.R: expected a multiple of backbone.patch_size 8, got 60"),
+    ({"granularity": 7}, r"granularity: 7 is not valid for dataset 'synthetic'"),
+    ({"train__num_workers": -1}, r"train.num_workers: expected one of auto or an integer >= 0, got -1"),
+    ({"backbone__checkpoint": "weight/dino/nope.pth"},
+     r"backbone.checkpoint: weight/dino/nope.pth does not exist \(README, 'Backbone weights'\)"),
+])
+def test_bad_params_are_one_line_naming_the_key(changes, message):
+    with pytest.raises(BadInput, match=message) as e:
+        check_params(edited(**changes))
+    assert "\n" not in str(e.value)
+
+
+def test_split_sizes_against_the_training_batch():
+    index = {"splits": {"train": [{}] * 10, "val": [{}] * 3}}
+    check_index(edited(train__batch_size=10), index)
+    with pytest.raises(InputValueError, match=r"train.batch_size 11 is larger than the 10 train images"):
+        check_index(edited(train__batch_size=11), index)
+    with pytest.raises(InputValueError, match=r"train.batch_size 9 is not divisible by the 2 processes"):
+        check_index(edited(train__batch_size=9, launcher__nproc_per_node=2), index)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("classes: [{name: a, thing: true}, {name: b, thing: false}]\n", r"class 0 \(a\): unknown key 'thing' "
+     r"\(valid: name, kind; did you mean kind\?\)"),
+    ("classes: [{name: a, kind: thing}, {name: b}]\n", r"class 1 \(b\): missing key 'kind'"),
+    ("classes: [{name: a, kind: thing}]\nnames: [a]\n", r"unknown key\(s\) \['names'\]"),
+    ("classes: {a: thing}\n", r"expected `classes: \["),
+    ("classes: [{name: a, kind: thing\n", r"not valid YAML"),
+])
+def test_bad_classes_yaml_is_one_line(tmp_path, text, message):
+    from transfgu.data.tasks import resolve_task
+    root = trees.make_folder(tmp_path / "folder")
+    (root / "classes.yaml").write_text(text)
+    with pytest.raises(BadInput, match=message) as e:
+        resolve_task(trees.dataset_cfg("folder", root), 2)
+    assert str(root / "classes.yaml") in str(e.value)
+
+
+# -- through the stage scripts, as dvc runs them -------------------------------------------------------------
+TINY = {"dataset": {"R": 32, "synthetic": {"n_train": 8, "n_val": 4, "size": 64}},
+        "extract": {"batch_size": 4, "crop_batch": 64}, "pseudo": {"batch_size": 4},
+        "train": {"epochs": 1, "batch_size": 4}, "evaluate": {"batch_size": 4, "n_pictures": 1}}
+
+
+def merge(base, over):
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+@pytest.fixture(scope="module")
+def prepared_base(tmp_path_factory):
+    """A tiny synthetic project after `prepare`, made once; each test works on a copy."""
+    root = tmp_path_factory.mktemp("inputs") / "project"
+    for name in ("stages", "transfgu"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / "params.yaml").write_text(yaml.safe_dump(merge(copy.deepcopy(DEFAULT), TINY), sort_keys=False))
+    proc = stage(root, "prepare")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.fixture()
+def prepared(prepared_base, tmp_path):
+    return Path(shutil.copytree(prepared_base, tmp_path / "project", symlinks=True))
+
+
+def set_params(root, **changes):
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node, keys = params, dotted.split(".")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stage(root, name, *extra):
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "stages/launch.py", name, *extra], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def snapshot(root) -> dict:
+    """The artifacts under outputs/ (hidden work folders of interrupted stages left out) and their content."""
+    out = root / "outputs"
+    return {str(p.relative_to(out)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and not str(p.relative_to(out)).startswith(".")} \
+        if out.is_dir() else {}
+
+
+def assert_one_line_failure(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in last, (needle, last)
+
+
+@pytest.mark.parametrize("name, key, value, needles", [
+    ("prepare", "train.epoch", 3, ["params.yaml: unknown key train.epoch: did you mean train.epochs?"]),
+    ("cluster", "pseudo.mass", 2, ["params.yaml: pseudo.mass: expected a number > 0 and <= 1, got 2"]),
+    ("prepare", "backbone.checkpoint", "weight/missing.pth", ["backbone.checkpoint: weight/missing.pth does not "
+                                                              "exist"]),
+    ("prepare", "train.batch_size", 9, ["train.batch_size 9 is larger than the 8 train images"]),
+    ("extract", "train.batch_size", 9, ["train.batch_size 9 is larger than the 8 train images"]),
+])
+def test_bad_params_stop_a_stage_before_any_work(prepared, name, key, value, needles):
+    before = snapshot(prepared)
+    set_params(prepared, **{key: value})
+    proc = stage(prepared, name)
+    assert_one_line_failure(proc, *needles)
+    assert snapshot(prepared) == before
+
+
+def test_wrong_checkpoint_is_one_line(prepared):
+    import torch
+    torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 7)}}, prepared / "wrong.pth")
+    set_params(prepared, **{"backbone.checkpoint": "wrong.pth"})
+    before = snapshot(prepared)
+    assert_one_line_failure(stage(prepared, "extract"), "wrong.pth: does not match backbone vit_mini/8")
+    assert snapshot(prepared) == before
+
+
+def test_unreadable_image_is_one_line_without_traceback(prepared):
+    image = sorted((prepared / "data/synthetic/images/train").iterdir())[3]
+    trees.truncate(image)
+    before = snapshot(prepared)
+    proc = stage(prepared, "extract")
+    assert_one_line_failure(proc, f"cannot read image {image.relative_to(prepared)}")
+    assert snapshot(prepared) == before
+    assert not list((prepared / "outputs").glob(".feature_bank.h5.tmp*"))
+
+
+def test_missing_upstream_artifact_is_one_line(prepared):
+    assert_one_line_failure(stage(prepared, "cluster"), "outputs/feature_bank.h5 not found: run the extract stage")
+
+
+def test_one_line_under_torchrun_too(prepared):
+    set_params(prepared, **{"launcher.nproc_per_node": 2, "extract.batch_size": 2})
+    trees.truncate(sorted((prepared / "data/synthetic/images/train").iterdir())[5])
+    proc = stage(prepared, "extract")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot read image"), proc.stderr[-3000:]
+
+
+# -- a full disk ----------------------------------------------------------------------------------------------
+def test_full_disk_while_writing_leaves_nothing_and_says_how_much(prepared, monkeypatch, capsys):
+    """The feature bank's writer fails with ENOSPC half way: no file that looks complete is left, and the one
+    line names the path and the space."""
+    import transfgu.feature_bank as feature_bank
+    real = feature_bank.merge_batches
+
+    def full_disk(*args, **kwargs):
+        real(*args, **kwargs)  # the data is written, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(feature_bank, "merge_batches", full_disk)
+    monkeypatch.chdir(prepared)
+    monkeypatch.syspath_prepend(str(prepared / "stages"))
+    monkeypatch.setattr(sys, "argv", ["stages/extract.py"])
+    for mod in ("common", "checks", "runtime", "extract"):
+        sys.modules.pop(mod, None)
+    import extract
+    before = snapshot(prepared)
+    with pytest.raises(SystemExit) as e:
+        extract.main()
+    assert e.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: writing outputs/feature_bank.h5 failed: No space left on device; it needs "
+                           "more than the "), line
+    assert "MB are free there" in line
+    assert snapshot(prepared) == before
+    assert not (prepared / "outputs/feature_bank.h5").exists()
+    assert not list((prepared / "outputs").glob(".feature_bank.h5.tmp*"))
+    for mod in ("common", "checks", "runtime", "extract"):
+        sys.modules.pop(mod, None)
+
+
+def test_disk_error_of_atomic_output_names_the_needed_size(tmp_path):
+    from transfgu.errors import OutputWriteError
+    from transfgu.io import atomic_output
+    target = tmp_path / "big.bin"
+    with pytest.raises(OutputWriteError, match=r"writing .*big.bin failed: No space left on device; it needs about "
+                                               r"3.0 MB, [0-9.]+ MB are free there"):
+        with atomic_output(target, needed_bytes=3 * 2 ** 20) as tmp:
+            tmp.write_bytes(b"x" * 1000)
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="not a disk error"):  # other errors pass through unchanged
+        with atomic_output(target) as tmp:
+            raise ValueError("not a disk error")
+
+
+# -- transfgu predict ---------------------------------------------------------------------------------------
+@pytest.fixture()
+def predict_dir(tmp_path):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transfgu.models.decoder import build_decoder
+    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "root": str(tmp_path / "data"), "R": 32},
+              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    torch.save(build_decoder(6, 192, seed=1).state_dict(), tmp_path / "decoder.pt")
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png", "c.png"):
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(imgs / name)
+    trees.truncate(imgs / "b.png")
+    return tmp_path
+
+
+def predict(root, *extra):
+    from transfgu.cli import main
+    return main(["predict", str(root / "imgs"), "--decoder", str(root / "decoder.pt"), "--params",
+                 str(root / "params.yaml"), "--out", str(root / "out"), *extra])
+
+
+def test_predict_with_a_decoder_of_another_backbone_is_one_line(predict_dir, caplog):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir, "--arch", "vit_small")
+    assert e.value.code == 2
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.getMessage() == (f"{predict_dir / 'decoder.pt'} was trained on a backbone of width 192 (vit_mini, "
+                                   f"vit_tiny), but the backbone is vit_small of width 384: pass --arch (and "
+                                   f"--checkpoint) of the backbone it was trained with, or its params.yaml")
+    assert not (predict_dir / "out").exists()
+
+
+def test_predict_stops_at_an_unreadable_image_or_skips_it(predict_dir, caplog):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir)
+    assert e.value.code == 2
+    assert any("cannot read image" in r.getMessage() and "b.png" in r.getMessage() for r in caplog.records)
+    predict(predict_dir, "--skip-bad")
+    assert sorted(p.name for p in (predict_dir / "out").glob("*_label.png")) == ["a_label.png", "c_label.png"]
+    assert any(r.levelname == "WARNING" and "b.png" in r.getMessage() for r in caplog.records)
+
+
+def test_predict_with_a_missing_checkpoint_is_one_line(predict_dir, caplog):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir, "--checkpoint", str(predict_dir / "nope.pth"))
+    assert e.value.code == 2
+    assert any("backbone checkpoint not found" in r.getMessage() for r in caplog.records)
