@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from tqdm import tqdm
 
+from .dist import progress
 from .data.images import ImageFiles, collect_images, to_rgb
 from .data.tasks import resolve_task
 from .models.decoder import build_decoder, load_decoder
@@ -40,7 +40,7 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
     loader = torch.utils.data.DataLoader(ImageFiles(paths, size), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     written, stems = [], {}
-    for batch in tqdm(loader, desc="predict", unit="batch"):
+    for batch in progress(loader, desc="predict", unit="batch"):
         with torch.no_grad():
             logits, _ = segmenter(batch["image"].to(device).float() / 255, precision)
         for j, i in enumerate(batch["index"].tolist()):
