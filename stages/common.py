@@ -25,7 +25,8 @@ CENTROIDS = OUT / "centroids.npz"           # cluster  -> pseudo
 PSEUDO_MASKS = OUT / "pseudo_masks.h5"      # pseudo   -> train            (transfgu/pseudo_store.py)
 PSEUDO_METRICS = OUT / "pseudo_metrics.json"  # pseudo: the pseudo masks' own scores (diagnostics)
 DECODER = OUT / "decoder.pt"                # train    -> evaluate, transfgu predict
-TRAIN_LOG = OUT / "train_log.csv"           # train
+TRAIN_LOG = OUT / "train_log.csv"           # train: one row per epoch
+TRAIN_LIVE = OUT / "dvclive"                # train: dvclive's metrics.json and plots, updated while it trains
 METRICS = OUT / "metrics.json"              # evaluate: the headline (with eval_details.json, cluster_classes.json,
                                             # per_class_iou.csv, confusion*.csv, pictures/, predictions/)
 

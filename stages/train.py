@@ -1,12 +1,17 @@
 """train: the Segmenter decoder on the frozen backbone with the pseudo masks and bootstrapping
-(docs/method.md section 4)."""
+(docs/method.md section 4).
+
+While it trains, dvclive keeps outputs/dvclive/ up to date (rank 0): metrics.json (the last finished epoch, its
+val scores, the latest training loss: a DVC metric, so `dvc exp show` follows the run) and plots/metrics/*.tsv
+(`dvc plots show` draws them). train_log.csv holds every epoch's row when the stage ends."""
 import csv
 
+import numpy as np
 import torch
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LOG, log, setup, task_of, timed
+from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LIVE, TRAIN_LOG, log, setup, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -21,6 +26,45 @@ from transfgu.train import TrainConfig, train_decoder
 
 LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "val_miou", "val_pixel_accuracy",
               "bootstrapping", "handover", "seconds")
+POINTS_PER_EPOCH = 10  # training-loss points per epoch in dvclive's step curve
+
+
+class LiveLog:
+    """train_decoder's callbacks -> dvclive (rank 0 only). Step = optimisation steps done. Every ~1/10 epoch:
+    train/loss, the mean loss of the steps since the last point; after each epoch: epoch (counted from 0, as in
+    train_log.csv) and val/miou, val/pixel_accuracy when the stage validates. Each point rewrites the summary
+    (metrics.json) and appends to the plots' TSV files."""
+
+    def __init__(self, directory, steps_per_epoch: int):
+        from dvclive import Live
+        self.live = Live(str(directory), dvcyaml=None, save_dvc_exp=False)  # dvc.yaml declares its files
+        self.every = max(1, steps_per_epoch // POINTS_PER_EPOCH)
+        self.steps, self.window = 0, []
+
+    def _flush(self):
+        if self.window:
+            self.live.step = self.steps
+            self.live.log_metric("train/loss", float(np.mean(self.window)))
+            self.window = []
+
+    def on_step(self, epoch: int, losses: dict):
+        self.steps += 1
+        self.window.append(losses["loss"])
+        if len(self.window) >= self.every:
+            self._flush()
+            self.live.sync()
+
+    def on_epoch(self, row: dict):
+        self._flush()
+        self.live.step = self.steps
+        self.live.log_metric("epoch", int(row["epoch"]), plot=False)
+        if "val_miou" in row:
+            self.live.log_metric("val/miou", float(row["val_miou"]))
+            self.live.log_metric("val/pixel_accuracy", float(row["val_pixel_accuracy"]))
+        self.live.sync()
+
+    def end(self):
+        self.live.end()
 
 
 @record
@@ -62,17 +106,20 @@ def main():
     workers = workers_of(params, "train")
     train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
                                                pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    live = LiveLog(TRAIN_LIVE, len(sampler)) if dist.is_main() else None
     with timed("train"):
         best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
-                                      len(task.class_names), dev)
+                                      len(task.class_names), dev, on_epoch=live and live.on_epoch,
+                                      on_step=live and live.on_step)
     if dist.is_main():
+        live.end()
         with atomic_output(DECODER) as tmp:
             torch.save(best, tmp)
         with atomic_output(TRAIN_LOG) as tmp, open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore")
             w.writeheader()
             w.writerows(history)
-        log.info("wrote %s and %s", DECODER, TRAIN_LOG)
+        log.info("wrote %s, %s and %s", DECODER, TRAIN_LOG, TRAIN_LIVE)
     dist.barrier()
     dist.shutdown()
 

@@ -104,13 +104,29 @@ def train_step(backbone, student, teacher, optimizer, images, maps, cfg, things_
     return decoder_step(student, optimizer, patches, maps, teacher_logits, cfg, things_only, alpha, permutation)
 
 
+def format_epoch(row: dict, epochs: int | None = None) -> str:
+    """One readable log line for a history row: 'epoch 3 (4/12): loss 2.4824 (cat 1.4047, ...); val miou 15.46, ...'
+    (epochs counted from 0, as in the history)."""
+    head = f"epoch {row['epoch']}" + (f" ({row['epoch'] + 1}/{epochs})" if epochs else "")
+    parts = [f"loss {row['loss']:.4f} (cat {row['loss_cat']:.4f}, uncertainty {row['loss_uncertainty']:.4f}, "
+             f"cls_emb {row['loss_cls_emb']:.4f})"]
+    if "val_miou" in row:
+        parts.append(f"val miou {row['val_miou']:.2f}, pixel accuracy {row['val_pixel_accuracy']:.2f}")
+    if row.get("bootstrapping"):
+        parts.append("bootstrapping" + (", teacher hand-over" if row.get("handover") else ""))
+    if "seconds" in row:
+        parts.append(f"{row['seconds']:.1f} s")
+    return f"{head}: " + "; ".join(parts)
+
+
 def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
-                  n_classes: int, device, on_epoch=None):
+                  n_classes: int, device, on_epoch=None, on_step=None):
     """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
 
     The best epoch is chosen by mIoU + pixel accuracy on val_loader when given, else the last epoch is
     kept. The backbone features of each augmented batch are computed once and shared by the student
-    and the teacher."""
+    and the teacher. on_epoch(row) sees each epoch's history row; on_step(epoch, losses) each step's losses
+    ({'loss', 'loss_cat', 'loss_uncertainty', 'loss_cls_emb'}, this process's batch)."""
     p = backbone.patch_size
     decoder.to(device)
     init_state = copy.deepcopy(decoder.state_dict())
@@ -146,6 +162,8 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             for k, v in zip(sums, losses):
                 sums[k] += v.item()
             n_batches += 1
+            if on_step is not None:
+                on_step(epoch, {k: v.item() for k, v in zip(sums, losses)})
         means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()
         row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in zip(sums, means.tolist())},
                "bootstrapping": plan.bootstrapping, "handover": plan.handover}
@@ -158,7 +176,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             score = s["miou"] + s["pixel_accuracy"]
         row["seconds"] = time.time() - t0
         history.append(row)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        log.info("%s", format_epoch(row, cfg.epochs))
         if score > best_score:
             best_score, best = score, copy.deepcopy(decoder.state_dict())
         if on_epoch is not None:
