@@ -7,7 +7,7 @@ miou_things / miou_stuff); eval_details.json the counts; cluster_classes.json wh
 stands for (read by `transfgu predict`).
 
     python stages/evaluate.py                          # the DVC stage: outputs/decoder.pt -> outputs/
-    python stages/evaluate.py --decoder weight/trained/cocostuff27_decoder.pt
+    python stages/evaluate.py --decoder weight/trained/cocostuff_27_decoder.pt
                                                        # a published decoder -> outputs/published/<name>/
 """
 import argparse

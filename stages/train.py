@@ -5,6 +5,7 @@ While it trains, dvclive keeps outputs/dvclive/ up to date (rank 0): metrics.jso
 val scores, the latest training loss: a DVC metric, so `dvc exp show` follows the run) and plots/metrics/*.tsv
 (`dvc plots show` draws them). train_log.csv holds every epoch's row when the stage ends."""
 import csv
+import os
 
 import numpy as np
 import torch
@@ -29,6 +30,25 @@ LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "
 POINTS_PER_EPOCH = 10  # training-loss points per epoch in dvclive's step curve
 
 
+def open_live(directory):
+    """A dvclive logger writing to `directory` that leaves dvc.yaml alone (it declares dvclive's files) and saves no
+    experiment of its own. Under `dvc repro` / `dvc exp run` (DVC_ROOT set) it joins the run as dvclive does
+    (e.g. for DVC Studio's live updates); otherwise, or where that fails (a git repository without a commit yet),
+    it writes plain files without looking at the repository (dvclive would `dvc init` a bare git repository)."""
+    from dvclive import Live
+
+    class PlainLive(Live):
+        def _init_dvc(self):  # no repository lookup
+            pass
+
+    if os.environ.get("DVC_ROOT"):
+        try:
+            return Live(str(directory), dvcyaml=None, save_dvc_exp=False)
+        except Exception as e:  # noqa: BLE001 -- scmrepo's errors are not dvclive's (e.g. "Empty git repo")
+            log.info("dvclive without the repository (%s: %s)", type(e).__name__, e)
+    return PlainLive(str(directory), dvcyaml=None, save_dvc_exp=False)
+
+
 class LiveLog:
     """train_decoder's callbacks -> dvclive (rank 0 only). Step = optimisation steps done. Every ~1/10 epoch:
     train/loss, the mean loss of the steps since the last point; after each epoch: epoch (counted from 0, as in
@@ -36,8 +56,7 @@ class LiveLog:
     (metrics.json) and appends to the plots' TSV files."""
 
     def __init__(self, directory, steps_per_epoch: int):
-        from dvclive import Live
-        self.live = Live(str(directory), dvcyaml=None, save_dvc_exp=False)  # dvc.yaml declares its files
+        self.live = open_live(directory)
         self.every = max(1, steps_per_epoch // POINTS_PER_EPOCH)
         self.steps, self.window = 0, []
 

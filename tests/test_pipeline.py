@@ -89,6 +89,57 @@ def test_repro_runs_every_stage_and_reports_metrics(project):
     assert len(per_class) == 1 + 6
 
 
+def encodings(spec):
+    """Every (channel, encoding) of a Vega-Lite spec, layers and facets included."""
+    if isinstance(spec, dict):
+        for channel, enc in (spec.get("encoding") or {}).items():
+            yield channel, enc
+        for key, value in spec.items():
+            if key != "encoding" and key != "data":
+                yield from encodings(value)
+    elif isinstance(spec, list):
+        for item in spec:
+            yield from encodings(item)
+
+
+def test_every_plot_renders_with_data_named_fields_and_axis_titles(project):
+    """`dvc plots show --json` with the installed DVC: each Vega-Lite plot has data, its x / y fields are in the
+    data (numbers where the axis is quantitative: the old per-class bar put the class names on a quantitative x
+    and drew blank axes), its axes have titles (not "y"); the pictures are image plots."""
+    root, _ = project
+    shown = json.loads(dvc("plots", "show", "--json", cwd=root))
+    assert not shown.get("errors"), shown.get("errors")
+    plots = shown["data"]
+    expected = {"Training loss (per step)", "Training losses (per epoch)", "Validation during training",
+                "outputs/per_class_iou.csv", "outputs/confusion_plot.csv"}
+    assert expected <= set(plots), sorted(plots)
+    images = {name: p for name, ps in plots.items() for p in ps if p["type"] == "image"}
+    assert sorted(images) == sorted(f"outputs/pictures/{p.name}" for p in (root / "outputs" / "pictures").glob("*.png"))
+    assert len(images) == 2 and all(Path(p["url"]).is_file() for p in images.values())
+    for name in expected:
+        (plot,) = plots[name]
+        assert plot["type"] == "vega", name
+        spec = plot["content"]
+        rows = spec["data"]["values"]
+        assert rows, f"{name}: no data"
+        axes = [(c, e) for c, e in encodings(spec) if c in ("x", "y") and "field" in e and "aggregate" not in e]
+        assert {c for c, _ in axes} == {"x", "y"}, name
+        for channel, enc in axes:
+            assert enc.get("title") not in (None, "", "x", "y"), (name, channel, enc.get("title"))
+            values = [r[enc["field"]] for r in rows if enc["field"] in r]
+            assert values, (name, channel, enc["field"])
+            if enc["type"] == "quantitative":
+                numbers = [float(v) for v in values if v != ""]  # ValueError: a name on a numeric axis
+                assert numbers, (name, channel)
+    bars = plots["outputs/per_class_iou.csv"][0]["content"]
+    assert {r["class"] for r in bars["data"]["values"]} == {
+        "round", "boxy", "pointy", "fluid", "ground", "structure"}
+    loss = plots["Training loss (per step)"][0]["content"]["data"]["values"]
+    assert [int(r["step"]) for r in loss] == list(range(1, 10))  # 3 epochs x 3 steps: a point per step here
+    live = json.loads((root / "outputs" / "dvclive" / "metrics.json").read_text())
+    assert live["epoch"] == 2 and live["step"] == 9 and set(live["val"]) == {"miou", "pixel_accuracy"}
+
+
 def test_thing_stuff_split_of_the_scores(project):
     """miou_things / miou_stuff average the per-class IoUs of the three thing and three stuff classes; the pseudo
     stage's thing_share is the share of thing pixels in the train labels at R."""
