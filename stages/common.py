@@ -31,10 +31,12 @@ INDEX = OUT / "index.json"                  # prepare  -> extract, pseudo, train
 FEATURE_BANK = OUT / "feature_bank.h5"      # extract  -> cluster          (transfgu/feature_bank.py)
 CENTROIDS = OUT / "centroids.npz"           # cluster  -> pseudo
 PSEUDO_MASKS = OUT / "pseudo_masks.h5"      # pseudo   -> train            (transfgu/pseudo_store.py)
-PSEUDO_METRICS = OUT / "pseudo_metrics.json"  # pseudo -> evaluate (copied into metrics.json)
+PSEUDO_METRICS = OUT / "pseudo_metrics.json"  # pseudo: the pseudo masks' own scores (diagnostics)
 DECODER = OUT / "decoder.pt"                # train    -> evaluate, transfgu predict
-TRAIN_LOG = OUT / "train_log.csv"           # train
-METRICS = OUT / "metrics.json"              # evaluate (with per_class_iou.csv, confusion*.csv, pictures/, predictions/)
+TRAIN_LOG = OUT / "train_log.csv"           # train: one row per epoch
+TRAIN_LIVE = OUT / "dvclive"                # train: dvclive's metrics.json and plots, updated while it trains
+METRICS = OUT / "metrics.json"              # evaluate: the headline (with eval_details.json, cluster_classes.json,
+                                            # per_class_iou.csv, confusion*.csv, pictures/, predictions/)
 
 log = logging.getLogger("transfgu")
 

@@ -1,5 +1,10 @@
 """evaluate: Hungarian-matched mIoU and pixel accuracy on the val split, per-class IoU, the confusion
-matrix, and pictures (docs/method.md section 5). Without val labels it writes the predictions only.
+matrix, the cluster -> class matching, and pictures (docs/method.md section 5). Without val labels it writes
+the predictions only.
+
+metrics.json (the DVC metric) holds the headline numbers only (miou, pixel_accuracy, the patch k-means baseline's,
+miou_things / miou_stuff); eval_details.json the counts; cluster_classes.json which class each decoder output
+stands for (read by `transfgu predict`).
 
 Every batch's prediction PNGs go to a folder beside its piece (transfgu/shards.py), which keeps the batch's
 confusion counts and the pictures' data; under torchrun each rank takes every world-th batch still to do;
@@ -7,7 +12,7 @@ rank 0 sums the pieces' counts and writes the results. A re-run after an interru
 batches without a piece (README, "Interrupted runs").
 
     python stages/evaluate.py                          # the DVC stage: outputs/decoder.pt -> outputs/
-    python stages/evaluate.py --decoder weight/trained/cocostuff27_decoder.pt
+    python stages/evaluate.py --decoder weight/trained/cocostuff_27_decoder.pt
                                                        # a published decoder -> outputs/published/<name>/
 """
 import argparse
@@ -20,7 +25,7 @@ from PIL import Image
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from common import DECODER, INDEX, OUT, PSEUDO_METRICS, log, run_key, setup, stage_main, task_of, timed
+from common import DECODER, INDEX, OUT, log, run_key, setup, stage_main, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
 from transfgu import dist
@@ -28,11 +33,12 @@ from transfgu.baselines import patch_kmeans_confusion
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
 from transfgu.io import atomic_output, link_tree, read_json, write_json
+from transfgu.matching import match_clusters, unmatched_clusters, write_cluster_classes
 from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.segmenter import Segmenter
 from transfgu.shards import BatchPieces, gather_batches
-from transfgu.viz import comparison_picture, palette
+from transfgu.viz import comparison_picture
 
 
 def write_csv(path: Path, header, rows):
@@ -106,14 +112,12 @@ def main(args=None):
     conf = parts["confusion"].sum(0)
     kept = [(int(i), parts["kept_image"][k], parts["kept_pred"][k], parts["kept_label"][k] if labelled else None)
             for k, i in enumerate(parts["kept_index"])]
-    colors = palette(max(len(names), task.n_outputs))
     if labelled:
         s = segmentation_scores(conf)
-        mapping = s["mapping"]
-        metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"], "n_images": len(data),
-                   "n_classes": len(names), **miou_by_kind(s["per_class_iou"], task.class_kinds)}
-        if args.decoder is None and PSEUDO_METRICS.is_file():  # the pseudo masks' own quality, beside the result
-            metrics.update({k: v for k, v in read_json(PSEUDO_METRICS).items() if k.startswith("pseudo_")})
+        clusters = match_clusters(s["mapping"], names, s["per_class_iou"])
+        # the headline, in the order `dvc exp show` shows it; the rest goes to eval_details.json
+        metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"]}
+        details = {"n_images": len(data), "n_classes": len(names), "labelled": True}
         if cfg.get("patch_kmeans_baseline", True):  # the bottom-up reference: k-means of the same patch tokens
             plain = torch.utils.data.DataLoader(data, batch_size=int(cfg["batch_size"]),
                                                 num_workers=workers_of(params, "evaluate"))
@@ -123,10 +127,10 @@ def main(args=None):
             except ValueError as e:  # fewer patch tokens than clusters: a tiny val split
                 log.warning("patch k-means baseline skipped: %s", e)
             else:
-                metrics.update(baseline_patch_kmeans_miou=b["miou"],
-                               baseline_patch_kmeans_pixel_accuracy=b["pixel_accuracy"])
+                metrics.update(baseline_miou=b["miou"], baseline_pixel_accuracy=b["pixel_accuracy"])
                 log.info("patch k-means baseline (%d clusters): miou %.2f, pixel accuracy %.2f", task.n_outputs,
                          b["miou"], b["pixel_accuracy"])
+        metrics.update(miou_by_kind(s["per_class_iou"], task.class_kinds))  # miou_things, miou_stuff
         matched = s["matched_confusion"]  # rows: predicted (matched) class, columns: ground truth
         write_csv(out / "per_class_iou.csv", ["class", "iou"],
                   [[n, "" if v is None else round(v, 4)] for n, v in zip(names, s["per_class_iou"])])
@@ -139,18 +143,19 @@ def main(args=None):
                    for _ in range(int(round(100 * share[pr, gt])))])
         log.info("miou %.2f, pixel accuracy %.2f", s["miou"], s["pixel_accuracy"])
     else:
-        mapping = np.arange(task.n_outputs)
-        names = [f"cluster {i}" for i in range(task.n_outputs)]
-        metrics = {"n_images": len(data), "labelled": False}
+        clusters = unmatched_clusters(task.n_outputs)
+        metrics, details = {}, {"n_images": len(data), "labelled": False}
         for name in ("per_class_iou.csv", "confusion.csv", "confusion_plot.csv"):  # declared outputs, kept valid
             write_csv(out / name, ["class", "iou"] if name.startswith("per") else ["actual", "predicted"], [])
         log.info("no labels: wrote the predictions only")
     write_json(out / "metrics.json", metrics)
+    write_json(out / "eval_details.json", details)
+    write_cluster_classes(out / "cluster_classes.json", clusters, names if labelled else [], decoder=decoder_path)
     with atomic_output(out / "pictures") as tmp:
         tmp.mkdir()
-        for i, img, pred, lab in kept:
-            cls = np.where(mapping[pred] >= 0, mapping[pred], -1)
-            comparison_picture(img, cls, lab, names, colors).save(tmp / f"{i:03d}_{entries[i]['id']}.png")
+        for i, img, pred, lab in kept:  # prediction in its matched classes' colours, ground truth in the classes'
+            comparison_picture(img, clusters.legend[pred], lab, clusters.legend_names, clusters.legend_colors
+                               ).save(tmp / f"{i:03d}_{entries[i]['id']}.png")
     with atomic_output(out / "predictions") as tmp:  # hard links: the pieces stay whole until removed
         link_tree(predictions_dir, tmp)
     pieces.remove()

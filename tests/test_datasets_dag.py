@@ -128,8 +128,9 @@ def test_pipeline_on_labelled_dataset(tmp_path, monkeypatch, stage_modules, name
     assert 0 <= pseudo["pseudo_miou"] <= 100 and 0 <= pseudo["pseudo_pixel_accuracy"] <= 100
     metrics = json.loads((project / "outputs" / "metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 100 and 0 <= metrics["pixel_accuracy"] <= 100
-    assert metrics["n_classes"] == len(task.class_names)
-    assert metrics["n_images"] == len(index["splits"]["val"])
+    details = json.loads((project / "outputs" / "eval_details.json").read_text())
+    assert details["n_classes"] == len(task.class_names)
+    assert details["n_images"] == len(index["splits"]["val"])
     split = ("thing" in task.class_kinds, "stuff" in task.class_kinds)  # things-only sets are not split
     assert ("miou_things" in metrics, "miou_stuff" in metrics) == split
     assert ("pseudo_miou_things" in pseudo, "pseudo_miou_stuff" in pseudo) == split
@@ -140,7 +141,8 @@ def test_pipeline_on_labelled_dataset(tmp_path, monkeypatch, stage_modules, name
 
 def test_pipeline_on_unlabelled_folder(tmp_path, monkeypatch, stage_modules):
     """No labels, no classes.yaml: dataset.n_things and granularity set the concepts; train keeps the last
-    epoch; evaluate writes metrics with n_images and no miou, and the predictions as raw label PNGs."""
+    epoch; evaluate writes no metrics (n_images in eval_details.json), the predictions as raw label PNGs, and a
+    matching that calls every cluster "cluster i"."""
     project, params, task = run_pipeline(tmp_path, monkeypatch, stage_modules, "folder", 5,
                                          lambda root: trees.make_folder(root, labels=False), {"n_things": 2},
                                          {"train": {"select_by": "last"}})
@@ -149,8 +151,10 @@ def test_pipeline_on_unlabelled_folder(tmp_path, monkeypatch, stage_modules):
     assert "pseudo_miou" not in pseudo
     metrics = json.loads((project / "outputs" / "metrics.json").read_text())
     val = index["splits"]["val"]
-    assert metrics["n_images"] == len(val)
+    assert json.loads((project / "outputs" / "eval_details.json").read_text())["n_images"] == len(val)
     assert "miou" not in metrics and "pixel_accuracy" not in metrics
+    matching = json.loads((project / "outputs" / "cluster_classes.json").read_text())
+    assert [(e["name"], e["class_id"]) for e in matching["clusters"]] == [(f"cluster {i}", None) for i in range(5)]
     predictions = sorted((project / "outputs" / "predictions").rglob("*.png"))
     assert len(predictions) == len(val)
     for e in val:

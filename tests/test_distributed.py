@@ -60,7 +60,7 @@ def test_sharded_stages_write_identical_files(runs, name):
 
 
 def test_sharded_evaluate_gives_identical_confusion_metrics_and_predictions(runs):
-    for name in ("metrics.json", "confusion.csv", "per_class_iou.csv"):
+    for name in ("metrics.json", "eval_details.json", "cluster_classes.json", "confusion.csv", "per_class_iou.csv"):
         assert (runs / "outputs" / name).read_text() == (runs / "one" / name).read_text(), name
     one = sorted(p.name for p in (runs / "one" / "predictions").iterdir())
     two = sorted(p.name for p in (runs / "outputs" / "predictions").iterdir())
@@ -68,7 +68,7 @@ def test_sharded_evaluate_gives_identical_confusion_metrics_and_predictions(runs
     for n in one:
         assert (runs / "one" / "predictions" / n).read_bytes() == (runs / "outputs" / "predictions" / n).read_bytes()
     assert len(list((runs / "outputs" / "pictures").iterdir())) == 3
-    assert json.loads((runs / "outputs" / "metrics.json").read_text())["n_images"] == 6
+    assert json.loads((runs / "outputs" / "eval_details.json").read_text())["n_images"] == 6
 
 
 def test_ddp_training_matches_one_process_after_three_steps(runs):

@@ -1,10 +1,14 @@
 """The `transfgu` console command.
 
-    transfgu predict IMAGES... [--decoder outputs/decoder.pt] [--params params.yaml] [--out predictions]
+    transfgu predict IMAGES... [--decoder outputs/decoder.pt] [--classes FILE] [--params params.yaml] [--out predictions]
 
 IMAGES are image files, folders (every image inside, recursively) or glob patterns. For each image it
-writes <stem>_label.png (raw cluster ids at the image's own size), <stem>_color.png and <stem>_overlay.png.
-The backbone and working resolution come from params.yaml (the ones the decoder was trained with)."""
+writes <stem>_label.png (raw cluster ids at the image's own size), <stem>_color.png and <stem>_overlay.png,
+and classes.txt says what each cluster id is. The names and colours come from the cluster -> class matching
+that `evaluate` saved next to the decoder (outputs/cluster_classes.json; --classes for another file): the
+colour of a cluster is that of its matched class in outputs/pictures. Without a matching the outputs are
+called "cluster i". The backbone and working resolution come from params.yaml (the ones the decoder was
+trained with)."""
 from __future__ import annotations
 
 import argparse
@@ -18,31 +22,42 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from tqdm import tqdm
 
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
-from .data.tasks import resolve_task
+from .dist import progress
 from .errors import BadInput, InputFileNotFound, InputValueError
+from .matching import ClusterNames, read_cluster_classes, unmatched_clusters
 from .models.archs import ARCHS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
 from .segmenter import Segmenter
-from .viz import colorize, palette
+from .viz import colorize
 
 log = logging.getLogger("transfgu.predict")
 
 
+def classes_table(clusters: ClusterNames) -> str:
+    """classes.txt: one line per cluster id: its name, matched class id and IoU (- when none) and colour."""
+    rows = ["cluster\tname\tclass_id\tiou\tcolor"]
+    for i, (name, k, iou, c) in enumerate(zip(clusters.names, clusters.classes, clusters.iou, clusters.colors)):
+        rows.append(f"{i}\t{name}\t{'-' if k is None else k}\t{'-' if iou is None else f'{iou:.2f}'}\t"
+                    + "#%02x%02x%02x" % tuple(int(v) for v in c))
+    return "\n".join(rows) + "\n"
+
+
 def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: int = 16, num_workers: int = 0,
-                  device="cpu", alpha: float = 0.5, names=None, precision: str = "fp32"):
-    """Segment image files; write label, colour and overlay PNGs into `out`. Returns the label paths."""
+                  device="cpu", alpha: float = 0.5, clusters: ClusterNames | None = None, precision: str = "fp32"):
+    """Segment image files; write label, colour and overlay PNGs and classes.txt into `out`. `clusters` names and
+    colours the decoder's outputs (matching.read_cluster_classes; None: "cluster i"). Returns the label paths."""
     out.mkdir(parents=True, exist_ok=True)
-    colors = palette(decoder.n_cls)
+    clusters = clusters or unmatched_clusters(decoder.n_cls)
+    colors = clusters.colors
     segmenter = Segmenter(backbone, decoder)
     loader = torch.utils.data.DataLoader(ImageFiles(paths, size), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=torch.device(device).type == "cuda")
     written, stems = [], {}
-    for batch in tqdm(loader, desc="predict", unit="batch"):
+    for batch in progress(loader, desc="predict", unit="batch"):
         with torch.no_grad():
             logits, _ = segmenter(batch["image"].to(device).float() / 255, precision)
         for j, i in enumerate(batch["index"].tolist()):
@@ -60,9 +75,29 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
             Image.fromarray(color).save(out / f"{stem}_color.png")
             Image.fromarray(overlay.round().astype(np.uint8)).save(out / f"{stem}_overlay.png")
             written.append(out / f"{stem}_label.png")
-    if names:
-        (out / "classes.txt").write_text("".join(f"{i}\t{n}\n" for i, n in enumerate(names)))
+    (out / "classes.txt").write_text(classes_table(clusters))
     return written
+
+
+def cluster_names_for(decoder_path: Path, n_out: int, classes=None) -> ClusterNames | None:
+    """The matching for a decoder: `classes` (an error when missing or not for this decoder), else
+    cluster_classes.json next to the decoder when there is one for it, else None ("cluster i", with a warning)."""
+    path = Path(classes) if classes else decoder_path.with_name("cluster_classes.json")
+    if not path.is_file():
+        if classes:
+            raise InputFileNotFound(f"--classes {path} not found (evaluate writes outputs/cluster_classes.json)")
+        log.warning("no cluster -> class matching at %s (the evaluate stage writes it): the outputs are called "
+                    "'cluster i'", path)
+        return None
+    try:
+        clusters = read_cluster_classes(path, n_out, decoder_path)
+    except (ValueError, KeyError, TypeError) as e:
+        if classes:
+            raise InputValueError(str(e)) from None
+        log.warning("%s: the outputs are called 'cluster i'", e)
+        return None
+    log.info("names and colours from %s%s", path, "" if clusters.matched else " (no labels: 'cluster i')")
+    return clusters
 
 
 def cmd_predict(args):
@@ -105,20 +140,14 @@ def cmd_predict(args):
     if not checkpoint:
         log.warning("backbone %s/%d has RANDOM weights (no checkpoint)", arch, patch)
     decoder = load_decoder(build_decoder(n_out, backbone.embed_dim), decoder_path).to(device).eval()
-    names = None
-    if params is not None:
-        try:
-            task = resolve_task(params["dataset"], int(params["granularity"]))
-            names = list(task.class_names) if task.n_outputs == n_out else None
-        except (ValueError, FileNotFoundError, KeyError):
-            names = None
+    clusters = cluster_names_for(decoder_path, n_out, args.classes)
     precision = resolve_precision(args.precision or (params or {}).get("evaluate", {}).get("precision", "auto"),
                                   device, "--precision / evaluate.precision")
     log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s, %s", len(paths), decoder_path,
              n_out, arch, patch, size, device, precision)
     t0 = time.time()
     written = predict_files(paths, Path(args.out), backbone, decoder, size, args.batch_size, args.num_workers,
-                            device, names=names, precision=precision)
+                            device, clusters=clusters, precision=precision)
     log.info("wrote %d label / colour / overlay PNG triples to %s in %.1f s", len(written), args.out,
              time.time() - t0)
 
@@ -131,6 +160,8 @@ def main(argv=None):
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--decoder", default="outputs/decoder.pt", help="decoder state dict (default: %(default)s)")
+    p.add_argument("--classes", help="cluster -> class matching written by evaluate (default: cluster_classes.json "
+                                     "next to the decoder, when present)")
     p.add_argument("--params", default="params.yaml", help="params file with backbone and dataset.R")
     p.add_argument("--out", default="predictions", help="output folder (default: %(default)s)")
     p.add_argument("--arch", help="backbone arch (overrides params)")

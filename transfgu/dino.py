@@ -32,8 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
-from tqdm import tqdm
 
+from . import dist
 from .augment import color_jitter, gaussian_blur3, grayscale
 from .io import atomic_output
 from .models.vit import DinoViT
@@ -349,8 +349,8 @@ class DINOTrainer:
     def train_epoch(self, batches: Iterable[torch.Tensor], epoch: int, progress: bool = True) -> list[float]:
         """Train on the batches of one epoch (at most `steps_per_epoch`); returns the losses of its steps."""
         losses = []
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"dino epoch {epoch + 1}/{self.epochs}", unit="step",
-                   disable=not progress, leave=False)
+        bar = dist.progress(batches, total=self.steps_per_epoch, desc=f"dino epoch {epoch + 1}/{self.epochs}",
+                            unit="step", disable=not progress, leave=False)
         for i, images in enumerate(bar):
             if i == self.steps_per_epoch:
                 break

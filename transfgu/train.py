@@ -139,13 +139,30 @@ def remove_checkpoint(path: str | Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
+def format_epoch(row: dict, epochs: int | None = None) -> str:
+    """One readable log line for a history row: 'epoch 3 (4/12): loss 2.4824 (cat 1.4047, ...); val miou 15.46, ...'
+    (epochs counted from 0, as in the history)."""
+    head = f"epoch {row['epoch']}" + (f" ({row['epoch'] + 1}/{epochs})" if epochs else "")
+    parts = [f"loss {row['loss']:.4f} (cat {row['loss_cat']:.4f}, uncertainty {row['loss_uncertainty']:.4f}, "
+             f"cls_emb {row['loss_cls_emb']:.4f})"]
+    if "val_miou" in row:
+        parts.append(f"val miou {row['val_miou']:.2f}, pixel accuracy {row['val_pixel_accuracy']:.2f}")
+    if row.get("bootstrapping"):
+        parts.append("bootstrapping" + (", teacher hand-over" if row.get("handover") else ""))
+    if "seconds" in row:
+        parts.append(f"{row['seconds']:.1f} s")
+    return f"{head}: " + "; ".join(parts)
+
+
 def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
-                  n_classes: int, device, on_epoch=None, checkpoint: str | Path | None = None):
+                  n_classes: int, device, on_epoch=None, on_step=None, checkpoint: str | Path | None = None):
     """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
 
     The best epoch is chosen by mIoU + pixel accuracy on val_loader when given, else the last epoch is
     kept. The backbone features of each augmented batch are computed once and shared by the student
-    and the teacher. on_epoch(row) is called with each epoch's history row as it is done.
+    and the teacher. on_epoch(row) sees each epoch's history row as it is done (on a resumed run, first the rows
+    of the epochs done before); on_step(epoch, losses) each step's losses ({'loss', 'loss_cat',
+    'loss_uncertainty', 'loss_cls_emb'}, this process's batch).
 
     checkpoint: a file where the whole state is kept after every epoch (rank 0 writes it atomically, every rank
     reads it): student, teacher, initial weights (for the resets), optimizer, every random generator (each
@@ -179,6 +196,9 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
                         "random state of rank r %% %d (dropout masks differ from an uninterrupted run)",
                         len(rngs), dist.world_size(), len(rngs))
         log.info("resuming from %s: epochs 0-%d done, %d to go", checkpoint, start - 1, cfg.epochs - start)
+        if on_epoch is not None:
+            for row in history:  # the log of the epochs done before (their per-step losses are not kept)
+                on_epoch(row)
     student = decoder
     if dist.world_size() > 1:  # gradients averaged over ranks; every rank holds the same weights
         student = torch.nn.parallel.DistributedDataParallel(
@@ -216,6 +236,8 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             for k, v in zip(sums, values):
                 sums[k] += v
             n_batches += 1
+            if on_step is not None:
+                on_step(epoch, {k: v.item() for k, v in zip(sums, losses)})
         means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()
         row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in zip(sums, means.tolist())},
                "bootstrapping": plan.bootstrapping, "handover": plan.handover}
@@ -228,7 +250,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
             score = s["miou"] + s["pixel_accuracy"]
         row["seconds"] = time.time() - t0
         history.append(row)
-        log.info("epoch %d: %s", epoch, {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+        log.info("%s", format_epoch(row, cfg.epochs))
         if score > best_score:
             best_score, best = score, copy.deepcopy(decoder.state_dict())
         if checkpoint is not None:

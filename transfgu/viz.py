@@ -1,4 +1,4 @@
-"""Pictures for humans: image | prediction | ground truth, in class colours with a legend."""
+"""Pictures for humans: image | prediction | ground truth under their titles, in class colours, with a legend."""
 from __future__ import annotations
 
 import numpy as np
@@ -26,26 +26,54 @@ def colorize(labels: np.ndarray, colors: np.ndarray) -> np.ndarray:
     return out
 
 
-def comparison_picture(image: np.ndarray, pred_class: np.ndarray, label: np.ndarray | None,
-                       class_names, colors: np.ndarray, min_height: int = 160) -> Image.Image:
-    """One row image | prediction | ground truth (if any), above a legend of the classes present."""
-    panels = [image, colorize(pred_class, colors)]
+PANEL_TITLES = ("image", "prediction", "ground truth")
+TITLE_HEIGHT = 16   # the band above the panels that holds their titles
+LEGEND_LINE = 14    # height of one legend line
+
+
+def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
+    return int(round(draw.textlength(text, font=font)))
+
+
+def comparison_picture(image: np.ndarray, prediction: np.ndarray, label: np.ndarray | None,
+                       class_names, colors: np.ndarray, min_height: int = 160,
+                       titles=PANEL_TITLES) -> Image.Image:
+    """One row image | prediction | ground truth (when `label` is given) under a band with the panel titles,
+    above a legend of the entries present. `prediction` and `label` are ids into `class_names` / `colors` (the
+    legend; negative or out-of-range ids are black). The legend flows over as many lines as it needs and
+    shows every name in full; the picture widens when a single entry is wider than the panels."""
+    panels = [image, colorize(prediction, colors)]
     if label is not None:
         panels.append(colorize(label, colors))
     row = np.concatenate(panels, axis=1)
     zoom = max(1, -(-min_height // row.shape[0]))  # small images are enlarged (nearest) to be readable
     row = row.repeat(zoom, axis=0).repeat(zoom, axis=1)
-    present = sorted(set(np.unique(pred_class).tolist()) | (set(np.unique(label).tolist()) if label is not None else set()))
-    present = [c for c in present if 0 <= c < len(class_names)]
+    panel_w = row.shape[1] // len(panels)
+    present = set(np.unique(prediction).tolist()) | (set(np.unique(label).tolist()) if label is not None else set())
+    present = [c for c in sorted(present) if 0 <= c < len(class_names)]
     font = ImageFont.load_default()
-    line_h, box = 12, 10
-    per_line = max(row.shape[1] // 110, 1)
-    lines = (len(present) + per_line - 1) // per_line
-    canvas = Image.new("RGB", (row.shape[1], row.shape[0] + lines * line_h + 4), (255, 255, 255))
-    canvas.paste(Image.fromarray(row), (0, 0))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    box, gap, margin = 10, 14, 4
+    entries = [(c, str(class_names[c]), box + 4 + _text_width(measure, str(class_names[c]), font)) for c in present]
+    width = max([row.shape[1]] + [w + 2 * margin for _, _, w in entries])
+    placed, x, y = [], margin, 0
+    for c, name, w in entries:  # flow the entries into lines no wider than the picture
+        if x > margin and x + w > width - margin:
+            x, y = margin, y + 1
+        placed.append((c, name, x, y))
+        x += w + gap
+    lines = (y + 1) if entries else 0
+    top = TITLE_HEIGHT
+    canvas = Image.new("RGB", (width, top + row.shape[0] + lines * LEGEND_LINE + (margin if lines else 0)),
+                       (255, 255, 255))
+    canvas.paste(Image.fromarray(row), (0, top))
     draw = ImageDraw.Draw(canvas)
-    for i, c in enumerate(present):
-        x, y = (i % per_line) * 110 + 2, row.shape[0] + 2 + (i // per_line) * line_h
-        draw.rectangle([x, y, x + box, y + box], fill=tuple(int(v) for v in colors[c]))
-        draw.text((x + box + 3, y - 1), str(class_names[c])[:16], fill=(0, 0, 0), font=font)
+    for i, title in enumerate(titles[:len(panels)]):
+        tw = _text_width(draw, title, font)
+        draw.text((i * panel_w + max((panel_w - tw) // 2, 0), 2), title, fill=(0, 0, 0), font=font)
+    y0 = top + row.shape[0] + margin // 2
+    for c, name, x, line in placed:
+        y = y0 + line * LEGEND_LINE
+        draw.rectangle([x, y + 1, x + box, y + 1 + box], fill=tuple(int(v) for v in colors[c]), outline=(0, 0, 0))
+        draw.text((x + box + 4, y), name, fill=(0, 0, 0), font=font)
     return canvas

@@ -103,10 +103,10 @@ def dataset_fingerprint(cfg: dict, splits: dict) -> dict:
 def find_unreadable(root: Path, entries: list[dict], num_workers: int = 0) -> dict:
     """{relative image path: reason} for the images that cannot be decoded."""
     from concurrent.futures import ThreadPoolExecutor
-    from tqdm import tqdm
+    from ..dist import progress
     paths = [root / e["image"] for e in entries]
     with ThreadPoolExecutor(max(num_workers, 1)) as pool:
-        results = list(tqdm(pool.map(unreadable, paths), total=len(paths), desc="checking images", leave=False))
+        results = list(progress(pool.map(unreadable, paths), total=len(paths), desc="checking images", leave=False))
     return {e["image"]: r for e, r in zip(entries, results) if r is not None}
 
 

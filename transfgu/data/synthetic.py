@@ -37,7 +37,6 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 GENERATOR_VERSION = 2  # 2: objects 30-70 % of the side (1: 10-35 %, 1-5 of them; things 9 % of pixels)
 
@@ -370,13 +369,14 @@ def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: in
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
+    from ..dist import progress
     try:
         for stream, (split, count) in enumerate((("train", n_train), ("val", n_val))):
             img_dir, lab_dir = tmp / "images" / split, tmp / "labels" / split
             img_dir.mkdir(parents=True)
             lab_dir.mkdir(parents=True)
             rng = np.random.default_rng([seed, stream])
-            for i in tqdm(range(count), desc=f"synthetic {split}", unit="img", disable=count == 0):
+            for i in progress(range(count), desc=f"synthetic {split}", unit="img", disable=count == 0):
                 rgb, label = generate_scene(rng, size)
                 Image.fromarray(rgb).save(img_dir / f"{i:05d}.png", compress_level=1)
                 Image.fromarray(label).save(lab_dir / f"{i:05d}.png", compress_level=1)

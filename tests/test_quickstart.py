@@ -1,0 +1,131 @@
+"""The README's quick start, verbatim: its first bash block, run with bash in a fresh copy of the project (the
+files git knows, a new git repository, as a clone) whose params.yaml is overridden by a tiny configuration.
+`make repro` finds the environment installed (.venv links to the interpreter running the tests) and runs
+`dvc repro`; everything else is the README's own command lines. Then the recovery line the block gives for a
+failed `dvc exp run`, after a run that fails."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.prefix) / "bin"
+
+TINY = {
+    "dataset": {"R": 32, "synthetic": {"n_train": 8, "n_val": 4, "size": 48}},
+    "extract": {"batch_size": 4, "crop_batch": 64},
+    "cluster": {"niter": 20},
+    "pseudo": {"batch_size": 4},
+    "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
+    "evaluate": {"batch_size": 4, "n_pictures": 2},
+}
+
+
+def merge(base, over):
+    for k, v in over.items():
+        if isinstance(v, dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def quickstart_block() -> str:
+    """The README's first ```bash block: the quick start."""
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S).group(1)
+    assert block.startswith("make repro") and "dvc exp run -S granularity=12" in block, block
+    return block
+
+
+def recovery_line(block: str) -> str:
+    """The command the block gives (as a comment) for a failed `dvc exp run`."""
+    lines = block.splitlines()
+    i = next(i for i, line in enumerate(lines) if "failed `dvc exp run`" in line)
+    return lines[i + 1].lstrip("#").strip()
+
+
+def bash(script: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", "-e", "-c", script], cwd=cwd, env=env, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, f"{script}\nfailed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    if not (BIN / "activate").is_file():
+        pytest.skip(f"the tests do not run in a virtual environment ({BIN} has no activate script)")
+    root = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / name)
+    params = merge(yaml.safe_load((root / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRANSFGU_", "VIRTUAL_ENV", "DVC_"))}
+    env.update(PYTHONPATH=str(root), DVC_NO_ANALYTICS="1", COLUMNS="120", GIT_AUTHOR_NAME="t",
+               GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    bash("git init -q && git add -A && git commit -q -m clone", root, env)
+    venv = root / ".venv"  # the environment `make` would create, already installed: links to this one
+    venv.mkdir()
+    for entry in Path(sys.prefix).iterdir():  # bin, lib, pyvenv.cfg...: python finds its packages through them
+        if entry.name != ".installed":
+            (venv / entry.name).symlink_to(entry)
+    (venv / ".installed").touch()  # newer than pyproject.toml: `make` does not install
+    return root, env
+
+
+@pytest.fixture(scope="module")
+def quickstart(clone):
+    root, env = clone
+    block = quickstart_block()
+    return root, env, block, bash(block, root, env)
+
+
+def test_quickstart_runs_as_printed(quickstart):
+    root, env, block, proc = quickstart
+    out = proc.stdout + proc.stderr
+    assert out.count("Running stage 'evaluate'") == 2  # make repro, then the granularity=12 experiment
+    assert "Running stage 'extract'" in out and out.count("Running stage 'extract'") == 1
+    assert (root / "dvc_plots" / "index.html").is_file()
+    # dvc metrics show outputs/metrics.json: the headline only, within 120 columns
+    shown = [line for line in proc.stdout.splitlines() if line.startswith(("Path", "outputs/metrics.json"))]
+    assert len(shown) == 2 and shown[0].split() == ["Path", "baseline_miou", "baseline_pixel_accuracy", "miou",
+                                                    "miou_stuff", "miou_things", "pixel_accuracy"]
+    assert all(len(line) <= 120 for line in shown)
+    # dvc exp show --drop/--keep at COLUMNS=120: every column shown in full, nothing cut to "…"
+    lines = proc.stdout.splitlines()
+    h = next(i for i, line in enumerate(lines) if line.split()[:1] == ["Experiment"] and lines[i - 1].strip()
+             .startswith("─"))
+    end = next(i for i in range(h + 2, len(lines)) if lines[i].strip().startswith("─"))
+    table = lines[h - 1:end + 1]  # border, header, border, rows, border
+    assert lines[h].split() == ["Experiment", "miou", "pixel_accuracy", "baseline_miou", "miou_things", "miou_stuff",
+                                "granularity"]
+    assert all(len(line) <= 120 and "…" not in line for line in table), "\n".join(table)
+    rows = [line.split() for line in lines[h + 2:end]]
+    assert len(rows) == 3 and rows[0][0] == "workspace" and rows[0][-1] == "12" and rows[-1][-1] == "12"
+    for row in rows:  # "└── <sha> [<name>]" takes 3 words; every metric and parameter has a value
+        assert len(row) == len(lines[h].split()) + (2 if row[0] == "└──" else 0), rows
+
+
+def test_recovery_line_after_a_failed_experiment(quickstart):
+    """A failed `dvc exp run` leaves its value in params.yaml and the failed stage's outputs deleted; the README's
+    recovery line brings the workspace back to a complete, up-to-date state."""
+    root, env, block, _ = quickstart
+    failed = bash("source .venv/bin/activate && dvc exp run -S train.select_by=bogus", root, env, check=False)
+    assert failed.returncode != 0 and "train.select_by" in failed.stdout + failed.stderr
+    assert "bogus" in (root / "params.yaml").read_text() and not (root / "outputs" / "decoder.pt").exists()
+    line = recovery_line(block)
+    assert line == "git checkout params.yaml && dvc repro"
+    bash(f"source .venv/bin/activate && {line}", root, env)
+    assert "bogus" not in (root / "params.yaml").read_text()
+    assert (root / "outputs" / "decoder.pt").is_file() and (root / "outputs" / "dvclive" / "metrics.json").is_file()
+    status = bash("source .venv/bin/activate && dvc status", root, env).stdout
+    assert "up to date" in status, status
