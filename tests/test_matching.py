@@ -15,7 +15,6 @@ from PIL import Image
 
 from transfgu import cli
 from transfgu.matching import match_clusters, read_cluster_classes, unmatched_clusters, write_cluster_classes
-from transfgu.metrics import confusion_matrix
 from transfgu.models.decoder import build_decoder
 from transfgu.viz import TITLE_HEIGHT, palette
 
@@ -55,19 +54,17 @@ def test_matching_file_round_trip_and_checks(tmp_path):
 
 
 class PermutedEvalSegmenter:
-    """evaluate's Segmenter, replaced: predicts cluster INV[k] wherever the ground truth is class k."""
+    """evaluate's Segmenter, replaced: predicts cluster INV[k] wherever the ground truth is class k. It knows the
+    ground truth of each val image through LABELS (image bytes at R -> label map), which the test fills."""
+    LABELS: dict = {}
 
     def __init__(self, backbone, decoder):
         pass
 
-    def confusion(self, loader, n_classes, device, desc="eval", on_batch=None, with_labels=True, precision="fp32"):
-        conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-        for batch in loader:
-            label = batch["label"].long()
-            pred = torch.tensor(INV)[label.clamp(0, n_classes - 1)]
-            conf += confusion_matrix(pred, label, n_classes, n_classes)
-            on_batch(batch, pred)
-        return conf
+    def predict(self, images_01, precision="fp32"):
+        images = (images_01 * 255).round().to(torch.uint8)
+        labels = torch.stack([self.LABELS[image.numpy().tobytes()] for image in images])
+        return torch.tensor(INV)[labels.clamp(0, len(INV) - 1)]
 
 
 class RedCodeSegmenter:
@@ -87,11 +84,12 @@ def evaluate_module(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO / "stages"))
     monkeypatch.delenv("TRANSFGU_PARAMS", raising=False)
     state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    names = ("prepare", "evaluate", "common", "runtime")
+    names = ("prepare", "evaluate", "common", "runtime", "checks")
     saved = {name: sys.modules.pop(name, None) for name in names}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["dataset"].update(root=str(tmp_path / "data"), R=32, synthetic={"n_train": 2, "n_val": 8, "size": 32})
     params["evaluate"].update(patch_kmeans_baseline=False, n_pictures=8, batch_size=4)
+    params["train"].update(batch_size=2)  # prepare checks the batch against the 2 train images
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -114,6 +112,13 @@ def test_predict_names_and_colours_are_the_matched_classes(evaluate_module, monk
     project, evaluate = evaluate_module
     out = project / "outputs"
     torch.save(build_decoder(6, 192, seed=1).state_dict(), out / "decoder.pt")
+    from transfgu.data.images import load_label, load_rgb
+    from transfgu.data.tasks import resolve_task
+    lut = resolve_task({"name": "synthetic"}, 6).label_lut
+    data = project.parent / "data"
+    monkeypatch.setattr(PermutedEvalSegmenter, "LABELS", {
+        load_rgb(image, 32).numpy().tobytes(): load_label(data / "labels" / "val" / image.name, 32, lut)
+        for image in sorted((data / "images" / "val").glob("*.png"))})
     monkeypatch.setattr(evaluate, "Segmenter", PermutedEvalSegmenter)
     evaluate.main(argparse.Namespace(decoder=None, out=None))
 
@@ -175,10 +180,12 @@ def test_predict_without_a_matching_calls_the_outputs_clusters(tmp_path, monkeyp
     assert rows[1:] == [f"{c}\tcluster {c}\t-\t-\t" + "#%02x%02x%02x" % tuple(palette(6)[c]) for c in range(6)]
     assert (np.asarray(Image.open(tmp_path / "pred" / "a_color.png")) == palette(6)[2]).all()
     # an explicit --classes that is missing, or made for another decoder, is an error
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit) as e:
         cli.main(args + ["--classes", str(tmp_path / "missing.json")])
+    assert e.value.code == 2 and "missing.json not found" in caplog.records[-1].getMessage()
     other = tmp_path / "other.pt"
     torch.save(build_decoder(6, 192, seed=2).state_dict(), other)
     write_cluster_classes(tmp_path / "m.json", match_clusters(PERM, NAMES), NAMES, decoder=other)
-    with pytest.raises(SystemExit, match="another decoder"):
+    with pytest.raises(SystemExit) as e:
         cli.main(args + ["--classes", str(tmp_path / "m.json")])
+    assert e.value.code == 2 and "another decoder" in caplog.records[-1].getMessage()
