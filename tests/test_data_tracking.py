@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import dataset_trees as trees
+from tiny_project import merge  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 AFTER_PREPARE = {"extract", "cluster", "pseudo", "train", "evaluate"}
@@ -21,15 +22,6 @@ TINY = {"granularity": 4,
         "extract": {"batch_size": 4, "crop_batch": 64}, "cluster": {"niter": 10}, "pseudo": {"batch_size": 4},
         "train": {"epochs": 1, "batch_size": 2, "bootstrap_start": 1, "bootstrap_intervals": [1]},
         "evaluate": {"batch_size": 4, "n_pictures": 1, "patch_kmeans_baseline": False}}
-
-
-def merge(base, over):
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def run(args, cwd, check=True):

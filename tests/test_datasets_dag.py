@@ -17,6 +17,7 @@ from PIL import Image
 
 import dataset_trees as trees
 from transfgu.data.tasks import resolve_task
+from tiny_project import merge  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("prepare", "extract", "cluster", "pseudo", "train", "evaluate")
@@ -48,15 +49,6 @@ CASES = [
     ("folder-labels-things-only-2", "folder", 2,
      lambda root: trees.make_folder(root, kinds=("thing", "background", "thing")), {}, {}),
 ]
-
-
-def merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from tiny_project import copy_project, default_params
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"dataset": {"R": 32, "synthetic": {"n_train": 12, "n_val": 6, "size": 64}},
         "extract": {"batch_size": 4, "crop_batch": 64}, "pseudo": {"batch_size": 4},
@@ -35,13 +37,7 @@ def stage(root, name, nproc=1, check=True):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
-    for name in ("stages", "transfgu"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        for k, v in values.items():
-            params[section][k] = v if not isinstance(v, dict) else {**params[section][k], **v}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(root, default_params(TINY))
     for name in ("prepare", "extract", "cluster", "pseudo", "train", "evaluate"):
         stage(root, name)
     shutil.copytree(root / "outputs", root / "one")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO / "stages"))
 from checks import SCHEMA, check_index, check_params  # noqa: E402
 
 from transfgu.errors import BadInput, InputValueError  # noqa: E402
+from tiny_project import merge  # noqa: E402
 
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -114,15 +115,6 @@ def test_bad_classes_yaml_is_one_line(tmp_path, text, message):
 TINY = {"dataset": {"R": 32, "synthetic": {"n_train": 8, "n_val": 4, "size": 64}},
         "extract": {"batch_size": 4, "crop_batch": 64}, "pseudo": {"batch_size": 4},
         "train": {"epochs": 1, "batch_size": 4}, "evaluate": {"batch_size": 4, "n_pictures": 1}}
-
-
-def merge(base, over):
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tiny_project import merge
+
 REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
@@ -19,15 +21,6 @@ TINY = {
     "train": {"epochs": 3, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [2]},
     "evaluate": {"batch_size": 4, "n_pictures": 2},
 }
-
-
-def merge(base, over):
-    for k, v in over.items():
-        if isinstance(v, dict):
-            merge(base[k], v)
-        else:
-            base[k] = v
-    return base
 
 
 def run(args, cwd):

@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 
+from tiny_project import copy_project, default_params
+
 REPO = Path(__file__).resolve().parent.parent
 # 6 extract / pseudo batches, 4 epochs of 3 steps (bootstrapping from epoch 1, hand-overs at 1 and 2, dropout on),
 # 5 evaluate batches; pictures from the first two evaluate batches
@@ -115,12 +117,7 @@ def seeded(stage, salt=""):
 def project(tmp_path_factory):
     """A tiny synthetic project, every stage run once without interruption: outputs copied to ref/."""
     root = tmp_path_factory.mktemp("resume")
-    shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        for k, v in values.items():
-            params[section][k] = v if not isinstance(v, dict) else {**params[section][k], **v}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(root, default_params(TINY), code=("stages",))
     for name in ("prepare", "extract", "cluster", "pseudo", "train", "evaluate"):
         run(root, name)
     assert hidden(root / "outputs") == []

@@ -1,0 +1,39 @@
+"""Helpers of the tests that run the stages on a tiny copy of the project: params merged over the defaults, the
+code (and, for DVC, dvc.yaml and the shipped lists) copied into a temporary folder."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` written into `base`, nested sections key by key; returns base."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def default_params(over: dict | None = None) -> dict:
+    """The project's params.yaml with `over` merged in."""
+    return merge(copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text())), over or {})
+
+
+def copy_project(root: Path, params: dict | None = None, dvc: bool = False, code=("stages", "transfgu")) -> Path:
+    """The code into `root` (and dvc.yaml with the shipped image lists when `dvc`), params.yaml if given."""
+    root = Path(root)
+    for name in code:
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    if dvc:
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        shutil.copytree(REPO / "data" / "lists", root / "data" / "lists")
+    if params is not None:
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
