@@ -307,7 +307,7 @@ def run(args) -> dict:
         state_path.unlink()
     done_here = step - start
     losses = [r["loss"] for r in trainer.history]
-    head_n = min(50, len(losses))
+    head_n = max(1, min(50, len(losses) // 5))  # the first and last fifth, at most 50 steps each
     summary = {
         "out": str(out), "teacher_out": str(teacher_out), "teacher_mb": round(teacher_out.stat().st_size / 2 ** 20, 2),
         "steps_planned": total, "steps_done": step, "steps_this_run": done_here, "resumed_from": start,
