@@ -88,11 +88,11 @@ stamp "2. throughput probe: $PROBE steps"
 "$PY" -m transfgu.cli pretrain --images "${IMAGES[@]}" "${COMMON[@]}" --steps "$PROBE" --log-every "$PROBE" \
     --out probe/probe.pth
 STEPS=$("$PY" - "$PRETRAIN_SECONDS" "$MIN_STEPS" "$MAX_STEPS" <<'EOF'
-import csv, statistics, sys
+import csv, json, statistics, sys
 budget, lo, hi = float(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rows = list(csv.DictReader(open("probe/probe.pth.loss.csv")))
 rate = statistics.median(float(r["images_per_s"]) for r in rows[len(rows) // 2:])  # after the warm-up steps
-batch = int(open("probe/probe.pth.summary.json").read().split('"batch_size": ')[1].split(",")[0])
+batch = json.load(open("probe/probe.pth.summary.json"))["batch_size"]
 steps = int(max(lo, min(hi, budget * rate / batch)))
 print(f"probe: {rate:.0f} images/s at batch {batch} -> {steps} steps in about {steps * batch / rate:.0f} s",
       file=sys.stderr)

@@ -266,6 +266,12 @@ def test_pretrain_resume_gives_the_uninterrupted_weights(tmp_path):
     # --resume without a state file (or with another run's) is an error; other arguments start afresh
     proc = run_pretrain([*common, "--out", str(split), "--resume"], tmp_path)
     assert proc.returncode == 2 and "no state file" in proc.stderr
+    proc = run_pretrain([*common, "--out", str(split), "--stop-after", "1"], tmp_path)
+    assert proc.returncode == 0 and state.is_file()
+    proc = run_pretrain([*common, "--lr", "1e-3", "--out", str(split), "--resume"], tmp_path)
+    assert proc.returncode == 2 and "state of a run with other arguments" in proc.stderr
+    proc = run_pretrain([*common, "--lr", "1e-3", "--out", str(split), "--stop-after", "1"], tmp_path)
+    assert proc.returncode == 0 and "starting afresh" in proc.stderr and "resumed" not in proc.stderr
 
 
 def test_pretrain_minutes_budget_stops_after_the_crossing_step(tmp_path):
