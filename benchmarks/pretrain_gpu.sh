@@ -67,7 +67,16 @@ COMMON=(--arch vit_mini --patch-size 8 "${PRE[@]}" --lr 5e-4 --min-lr 1e-6 --mom
 
 stamp "repository $REPO, scratch $WORK, output $OUTDIR, quick=$QUICK"
 "$PY" - <<'EOF'
-import platform, torch
+import importlib, platform, sys
+missing = []
+for name in ("torch", "torchvision", "timm", "h5py", "yaml", "PIL", "scipy", "numpy", "tqdm"):
+    try:
+        importlib.import_module(name)
+    except ImportError as e:
+        missing.append(f"{name} ({e})")
+if missing:
+    sys.exit("missing Python packages (this script installs nothing): " + ", ".join(missing))
+import torch
 print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""), flush=True)
 EOF
