@@ -8,7 +8,8 @@ decoder.pt and train_log.csv are written (README, "Interrupted runs"). A NaN or 
 with a one-line error naming the epoch and the step.
 While it trains, dvclive keeps outputs/dvclive/ up to date (rank 0): metrics.json (the last finished epoch, its
 val scores, the latest training loss: a DVC metric, so `dvc exp show` follows the run) and plots/metrics/*.tsv
-(`dvc plots show` draws them). train_log.csv holds every epoch's row when the stage ends."""
+(`dvc plots show` draws them); without dvclive installed the stage warns once and trains without them.
+train_log.csv holds every epoch's row when the stage ends."""
 import csv
 import os
 
@@ -39,8 +40,14 @@ def open_live(directory):
     """A dvclive logger writing to `directory` that leaves dvc.yaml alone (it declares dvclive's files) and saves no
     experiment of its own. Under `dvc repro` / `dvc exp run` (DVC_ROOT set) it joins the run as dvclive does
     (e.g. for DVC Studio's live updates); otherwise, or where that fails (a git repository without a commit yet),
-    it writes plain files without looking at the repository (dvclive would `dvc init` a bare git repository)."""
-    from dvclive import Live
+    it writes plain files without looking at the repository (dvclive would `dvc init` a bare git repository).
+    None, with one warning, when dvclive is not installed: the stage then trains without the live log."""
+    try:
+        from dvclive import Live
+    except ImportError as e:
+        log.warning("dvclive is not installed (%s): training without the live log in %s; %s is still written", e,
+                    directory, TRAIN_LOG)
+        return None
 
     class PlainLive(Live):
         def _init_dvc(self):  # no repository lookup
@@ -58,7 +65,7 @@ class LiveLog:
     """train_decoder's callbacks -> dvclive (rank 0 only). Step = optimisation steps done. Every ~1/10 epoch:
     train/loss, the mean loss of the steps since the last point; after each epoch: epoch (counted from 0, as in
     train_log.csv) and val/miou, val/pixel_accuracy when the stage validates. Each point rewrites the summary
-    (metrics.json) and appends to the plots' TSV files."""
+    (metrics.json) and appends to the plots' TSV files. Without dvclive (open_live gives None) it does nothing."""
 
     def __init__(self, directory, steps_per_epoch: int):
         self.live = open_live(directory)
@@ -72,6 +79,8 @@ class LiveLog:
             self.window = []
 
     def on_step(self, epoch: int, losses: dict):
+        if self.live is None:
+            return
         self.steps += 1
         self.window.append(losses["loss"])
         if len(self.window) >= self.every:
@@ -79,6 +88,8 @@ class LiveLog:
             self.live.sync()
 
     def on_epoch(self, row: dict):
+        if self.live is None:
+            return
         self._flush()
         self.steps = (int(row["epoch"]) + 1) * self.steps_per_epoch  # also for the rows a resumed run replays
         self.live.step = self.steps
@@ -89,7 +100,8 @@ class LiveLog:
         self.live.sync()
 
     def end(self):
-        self.live.end()
+        if self.live is not None:
+            self.live.end()
 
 
 @record
@@ -151,7 +163,7 @@ def main():
             w.writeheader()
             w.writerows(history)
         remove_checkpoint(checkpoint)
-        log.info("wrote %s, %s and %s", DECODER, TRAIN_LOG, TRAIN_LIVE)
+        log.info("wrote %s, %s%s", DECODER, TRAIN_LOG, f" and {TRAIN_LIVE}" if live.live is not None else "")
     dist.barrier()
     dist.shutdown()
 

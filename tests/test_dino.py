@@ -1,5 +1,7 @@
-"""DINO pretraining: loss, centre, EMA teacher, multi-crop, checkpoint format, the pretrain command."""
+"""DINO pretraining: loss, centre, EMA teacher, multi-crop, checkpoint format, the `transfgu pretrain` command
+(resume, time budget, torch.compile, the shipped teacher file)."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -169,32 +171,144 @@ def test_head_and_schedules():
     assert m[0] == 0.996 and m[-1] == pytest.approx(1.0) and (np.diff(m) > 0).all()
 
 
-def run_pretrain(args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(REPO / "stages" / "pretrain.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run_pretrain(args, cwd, entry=("-m", "transfgu.cli", "pretrain")):
+    """`transfgu pretrain ARGS` (the console command's module, with this checkout first on the path)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    return subprocess.run([sys.executable, *entry, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def image_folder(tmp_path, n=8, size=24):
+    folder = tmp_path / "imgs"
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(generate_scene(np.random.default_rng(i), size)[0]).save(folder / f"{i}.png")
+    return folder
+
+
+TINY = ["--arch", "vit_mini", "--patch-size", "8", "--global-size", "16", "--local-size", "8", "--n-local", "2",
+        "--batch-size", "4", "--out-dim", "32", "--hidden-dim", "32", "--bottleneck-dim", "16", "--seed", "0",
+        "--device", "cpu", "--no-progress"]
+
+
+def teacher_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["teacher"]
 
 
 def test_pretrain_command_end_to_end(tmp_path):
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    for i in range(8):
-        Image.fromarray(generate_scene(np.random.default_rng(i), 24)[0]).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path)
     out = tmp_path / "weights" / "dino.pth"
-    proc = run_pretrain(["--images", str(folder), "--arch", "vit_mini", "--patch-size", "8", "--global-size", "16",
-                         "--local-size", "8", "--n-local", "2", "--epochs", "1", "--batch-size", "4",
-                         "--out-dim", "32", "--hidden-dim", "32", "--bottleneck-dim", "16", "--seed", "0",
-                         "--device", "cpu", "--out", str(out), "--no-progress"], tmp_path)
+    proc = run_pretrain(["--images", str(folder), *TINY, "--epochs", "1", "--out", str(out)], tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "epoch 1/1: loss" in proc.stdout and "wall time" in proc.stdout
+    assert "step 2/2 (epoch 1/1): loss" in proc.stdout and "images/s" in proc.stdout and "wall time" in proc.stdout
     backbone = build_backbone("vit_mini", 8, checkpoint=out)
     assert backbone.embed_dim == 192
     with open(out.with_name("dino.pth.loss.csv")) as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and [int(r["step"]) for r in rows] == [0, 1]
-    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    assert all(np.isfinite(float(r["loss"])) and float(r["images_per_s"]) > 0 for r in rows)
+    summary = json.loads(out.with_name("dino.pth.summary.json").read_text())
+    assert summary["steps_done"] == summary["steps_planned"] == 2 and summary["completed"]
+    assert summary["images_per_s"] > 0 and f"summary {json.dumps(summary)}" in proc.stdout
+    assert not out.with_name("dino.pth.state").exists()  # removed once the planned steps are done
+
+    # the shipped file: the teacher backbone only, loaded by backbone.checkpoint to the same weights
+    small = tmp_path / "weights" / "dino_teacher.pth"
+    assert summary["teacher_out"] == str(small) and small.stat().st_size < out.stat().st_size / 1.5
+    assert set(teacher_of(small)) == {k for k in teacher_of(out) if k.startswith("backbone.")}
+    small_backbone = build_backbone("vit_mini", 8, checkpoint=small)
+    for (k, v), w in zip(backbone.state_dict().items(), small_backbone.state_dict().values()):
+        assert torch.equal(v, w), k
 
     missing = tmp_path / "no_such_folder"
     proc = run_pretrain(["--images", str(missing), "--out", str(tmp_path / "x.pth")], tmp_path)
-    assert proc.returncode == 2 and str(missing) in proc.stderr
+    assert proc.returncode == 2 and str(missing) in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.pth").exists()
+    proc = run_pretrain(["--images", str(folder), "--global-size", "12", "--out", str(tmp_path / "x.pth")], tmp_path)
+    assert proc.returncode == 2 and "multiple of the patch size" in proc.stderr
+
+
+def test_pretrain_resume_gives_the_uninterrupted_weights(tmp_path):
+    """6 steps straight == 3 steps, stopped (as --minutes stops), then the same command again: identical teacher,
+    student, head and loss curve; the interrupted run leaves its state file and usable checkpoints."""
+    folder = image_folder(tmp_path)
+    common = ["--images", str(folder), *TINY, "--steps", "6", "--checkpoint-every", "2"]
+    straight, split = tmp_path / "a" / "d.pth", tmp_path / "b" / "d.pth"
+    proc = run_pretrain([*common, "--out", str(straight)], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    proc = run_pretrain([*common, "--out", str(split), "--stop-after", "3"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    state = split.with_name("d.pth.state")
+    assert state.is_file() and "stopped by --stop-after after step 3 of 6" in proc.stderr
+    summary = json.loads(split.with_name("d.pth.summary.json").read_text())
+    assert (summary["steps_done"], summary["completed"], summary["stopped_by"]) == (3, False, "stop_after")
+    build_backbone("vit_mini", 8, checkpoint=split)  # the stopped run's outputs are complete checkpoints
+    saved = torch.load(state, map_location="cpu", weights_only=False)
+    assert saved["step"] == 3 and len(saved["trainer"]["history"]) == 3
+    assert {"student", "teacher", "optimizer", "center", "generator", "history"} <= set(saved["trainer"])
+    assert {"torch", "numpy", "python"} <= set(saved["rng"])
+
+    proc = run_pretrain([*common, "--out", str(split), "--resume"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stderr and "at step 3 of 6" in proc.stderr
+    assert not state.exists()
+    a, b = torch.load(straight, weights_only=True), torch.load(split, weights_only=True)
+    for part in ("teacher", "student"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert not torch.equal(a["teacher"]["backbone.norm.weight"], a["student"]["backbone.norm.weight"])
+    curves = [list(csv.DictReader(open(p.with_name("d.pth.loss.csv")))) for p in (straight, split)]
+    assert [r["loss"] for r in curves[0]] == [r["loss"] for r in curves[1]] and len(curves[0]) == 6
+
+    # --resume without a state file (or with another run's) is an error; other arguments start afresh
+    proc = run_pretrain([*common, "--out", str(split), "--resume"], tmp_path)
+    assert proc.returncode == 2 and "no state file" in proc.stderr
+    proc = run_pretrain([*common, "--out", str(split), "--stop-after", "1"], tmp_path)
+    assert proc.returncode == 0 and state.is_file()
+    proc = run_pretrain([*common, "--lr", "1e-3", "--out", str(split), "--resume"], tmp_path)
+    assert proc.returncode == 2 and "state of a run with other arguments" in proc.stderr
+    proc = run_pretrain([*common, "--lr", "1e-3", "--out", str(split), "--stop-after", "1"], tmp_path)
+    assert proc.returncode == 0 and "starting afresh" in proc.stderr and "resumed" not in proc.stderr
+
+
+def test_pretrain_minutes_budget_stops_after_the_crossing_step(tmp_path):
+    folder = image_folder(tmp_path)
+    out = tmp_path / "d.pth"
+    proc = run_pretrain(["--images", str(folder), *TINY, "--steps", "1000", "--minutes", "0", "--out", str(out)],
+                        tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(out.with_name("d.pth.summary.json").read_text())
+    assert (summary["steps_done"], summary["steps_planned"], summary["stopped_by"]) == (1, 1000, "minutes")
+    assert out.with_name("d.pth.state").is_file() and "stopped by --minutes after step 1 of 1000" in proc.stderr
+    assert summary["lr_last"] == 0.0  # the schedule was planned over the 1000 steps (step 0 of its warm-up)
+
+
+def test_pretrain_compile_flag(tmp_path):
+    """--compile runs the backbones through torch.compile (the eager backend: the wiring, without the minutes of
+    C++ code generation inductor takes on a CPU) and gives the weights of the plain run."""
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available")
+    folder = image_folder(tmp_path, n=4)
+    common = ["--images", str(folder), *TINY, "--steps", "1"]
+    plain = run_pretrain([*common, "--out", str(tmp_path / "p.pth")], tmp_path)
+    assert plain.returncode == 0, plain.stderr
+    proc = run_pretrain([*common, "--compile", "--compile-backend", "eager", "--out", str(tmp_path / "c.pth")],
+                        tmp_path)
+    if proc.returncode != 0 and "torch._dynamo" in proc.stderr and "Unsupported" in proc.stderr:
+        pytest.skip(f"torch.compile cannot trace here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "c.pth.summary.json").read_text())["compile"] is True
+    a, b = teacher_of(tmp_path / "p_teacher.pth"), teacher_of(tmp_path / "c_teacher.pth")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
+
+
+def test_stages_pretrain_is_the_same_command(tmp_path):
+    folder = image_folder(tmp_path, n=4)
+    proc = run_pretrain(["--images", str(folder), *TINY, "--steps", "1", "--out", str(tmp_path / "d.pth")], tmp_path,
+                        entry=(str(REPO / "stages" / "pretrain.py"),))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "d_teacher.pth").is_file()

@@ -69,3 +69,18 @@ def test_epoch_line_is_readable():
                                      "val miou 14.66, pixel accuracy 36.59; bootstrapping, teacher hand-over; 13.3 s")
     first = {k: v for k, v in row.items() if not k.startswith("val")} | {"epoch": 0, "bootstrapping": False}
     assert format_epoch(first) == "epoch 0: loss 3.3386 (cat 1.9880, uncertainty 0.8268, cls_emb 1.1026); 13.3 s"
+
+
+def test_train_stage_without_dvclive_warns_once_and_logs_nothing(train_stage, tmp_path, monkeypatch, caplog):
+    """dvclive is optional (e.g. a GPU machine without it): open_live gives None with one warning, and the
+    stage's callbacks do nothing (train_log.csv is written by the stage itself, from the history)."""
+    monkeypatch.setitem(sys.modules, "dvclive", None)  # `from dvclive import Live` raises ImportError
+    with caplog.at_level("WARNING", logger="transfgu"):
+        live = train_stage.LiveLog(tmp_path / "dvclive", steps_per_epoch=3)
+        for i in range(3):
+            live.on_step(0, {"loss": 1.0})
+        live.on_epoch({"epoch": 0, "loss": 1.0, "val_miou": 1.0, "val_pixel_accuracy": 2.0})
+        live.end()
+    assert live.live is None and not (tmp_path / "dvclive").exists()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "dvclive is not installed" in warnings[0] and "train_log.csv" in warnings[0]

@@ -1,6 +1,7 @@
 """The `transfgu` console command.
 
     transfgu predict IMAGES... [--decoder outputs/decoder.pt] [--classes FILE] [--params params.yaml] [--out predictions]
+    transfgu pretrain --images IMAGES... [--steps N | --epochs N] [--minutes M] ... (transfgu/pretrain.py)
 
 IMAGES are image files, folders (every image inside, recursively) or glob patterns. For each image it
 writes <stem>_label.png (raw cluster ids at the image's own size), <stem>_color.png and <stem>_overlay.png,
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+from . import pretrain
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
 from .dist import progress
 from .errors import BadInput, InputFileNotFound, InputValueError
@@ -175,11 +177,21 @@ def main(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="fp32 | bf16 | auto = bf16 on a GPU (default: evaluate.precision of params, else auto)")
+    q = sub.add_parser("pretrain", help="pretrain a backbone with DINO on image files (README, \"Pretraining\")",
+                       description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pretrain.add_arguments(q)
     args = ap.parse_args(argv)
     try:
         if args.command == "predict":
             cmd_predict(args)
-    except BadInput as e:
+        elif args.command == "pretrain":
+            logging.getLogger().handlers[0].setFormatter(
+                logging.Formatter("%(asctime)s [pretrain] %(message)s", datefmt="%H:%M:%S"))
+            pretrain.run(args)
+    except Exception as e:  # noqa: BLE001 -- expected errors: one line, status 2; others keep their traceback
+        expected = (FileNotFoundError, ValueError) if args.command == "pretrain" else ()  # missing images, sizes
+        if not isinstance(e, (BadInput, *expected)):
+            raise
         log.error("%s", e)
         sys.exit(2)
 

@@ -7,7 +7,7 @@ the teacher's sharpened, centred softmax output of the *other* views; the teache
 average (EMA) of the student and receives no gradients.
 
 Library only: every function takes typed arguments (no file paths besides `save_dino_checkpoint`, no
-params.yaml). `stages/pretrain.py` is the command that trains on a folder of images.
+params.yaml). `transfgu/pretrain.py` (`transfgu pretrain`) is the command that trains on a folder of images.
 
 Reading order: `DINOHead` -> `MultiCrop` -> `DINOLoss` -> `cosine_schedule` -> `DINOTrainer` ->
 `save_dino_checkpoint`.
@@ -265,7 +265,8 @@ class DINOTrainer:
                  clip_grad: float = 3.0, freeze_last_layer: int = 1, warmup_teacher_temp: float = 0.04,
                  teacher_temp: float = 0.04, warmup_teacher_temp_epochs: int = 0,
                  generator: torch.Generator | None = None,
-                 device: str | torch.device = "cpu", amp: bool = False):
+                 device: str | torch.device = "cpu", amp: bool = False, total_steps: int | None = None,
+                 warmup_steps: int | None = None, compile: bool = False, compile_backend: str = "inductor"):
         self.device = torch.device(device)
         self.student = nn.ModuleDict({"backbone": backbone, "head": head}).to(self.device).train()
         self.teacher = copy.deepcopy(self.student).eval()
@@ -282,23 +283,34 @@ class DINOTrainer:
         # decayed group first: its weight decay follows the schedule, the other group's stays 0
         self.optimizer = torch.optim.AdamW(decay_groups(self.student.named_parameters(), weight_decay), lr=lr)
 
-        total = epochs * steps_per_epoch
-        self.lr_schedule = cosine_schedule(lr, min_lr, total, warmup_epochs * steps_per_epoch)
+        # the schedules span `total_steps` (default: epochs x steps_per_epoch); warm-up: `warmup_steps`, else
+        # warmup_epochs x steps_per_epoch
+        total = total_steps if total_steps is not None else epochs * steps_per_epoch
+        self.total_steps = total
+        warmup = warmup_steps if warmup_steps is not None else warmup_epochs * steps_per_epoch
+        self.lr_schedule = cosine_schedule(lr, min_lr, total, warmup)
         self.wd_schedule = cosine_schedule(weight_decay, weight_decay_end, total)
         self.momentum_schedule = cosine_schedule(momentum_teacher, momentum_teacher_end, total)
         self.history: list[dict] = []  # one row per step: step, epoch, loss, lr, weight_decay, momentum, teacher_temp
+        # torch.compile of the backbone forwards (student and teacher); the modules and their parameters are shared
+        self.forward = {}
+        if compile:
+            self.forward = {id(m): torch.compile(m["backbone"], backend=compile_backend)
+                            for m in (self.student, self.teacher)}
 
     @staticmethod
-    def embed(model: nn.ModuleDict, views: list[torch.Tensor]) -> torch.Tensor:
-        """Head outputs of all views, view-major. Views of the same size go through the backbone together."""
+    def embed(model: nn.ModuleDict, views: list[torch.Tensor], forward: Callable | None = None) -> torch.Tensor:
+        """Head outputs of all views, view-major. Views of the same size go through the backbone together
+        (`forward`: the backbone's forward to call, e.g. its torch.compile'd version; default the backbone)."""
         backbone: DinoViT = model["backbone"]
+        forward = backbone if forward is None else forward
         cls, start = [], 0
         while start < len(views):
             end = start
             while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
                 end += 1
             x = torch.cat(views[start:end])
-            cls.append(backbone(backbone.normalize(x))[:, 0])
+            cls.append(forward(backbone.normalize(x))[:, 0])
             start = end
         return model["head"](torch.cat(cls))
 
@@ -315,8 +327,8 @@ class DINOTrainer:
         views = self.multicrop(images.to(self.device, non_blocking=True), self.generator)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             with torch.no_grad():
-                teacher_out = self.embed(self.teacher, views[:2])
-            student_out = self.embed(self.student, views)
+                teacher_out = self.embed(self.teacher, views[:2], self.forward.get(id(self.teacher)))
+            student_out = self.embed(self.student, views, self.forward.get(id(self.student)))
         loss = self.loss_fn(student_out.float(), teacher_out.float(), epoch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}, stopping")
@@ -337,6 +349,21 @@ class DINOTrainer:
                "momentum": m, "teacher_temp": self.loss_fn.teacher_temp_at(epoch)}
         self.history.append(row)
         return row["loss"]
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly: student, teacher, optimizer, the loss centre, the
+        augmentation generator and the history (the step to continue from is len(history))."""
+        return {"student": self.student.state_dict(), "teacher": self.teacher.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "center": self.loss_fn.center.detach().cpu().clone(),
+                "generator": self.generator.get_state(), "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.teacher.load_state_dict(state["teacher"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loss_fn.center.copy_(state["center"])
+        self.generator.set_state(state["generator"])
+        self.history = list(state["history"])
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
