@@ -44,15 +44,33 @@ from transfgu.models.vit import build_backbone  # noqa: E402
 from transfgu.precision import resolve_precision  # noqa: E402
 from transfgu.pseudo import pseudo_mask_parts, pseudo_masks  # noqa: E402
 from transfgu.pseudo_store import PseudoMaskReader  # noqa: E402
+from transfgu.metrics import confusion_matrix  # noqa: E402
 from transfgu.segmenter import Segmenter  # noqa: E402
 from transfgu.train import TrainConfig, decoder_step, features_and_teacher, train_step  # noqa: E402
 
 SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
-    "full": dict(arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
-                 load_images=256, workers=min(8, os.cpu_count() or 1)),
-    "quick": dict(arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10),
-                  load_images=16, workers=2),
+    "full": dict(full=True, arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
+                 load_images=256, workers=min(8, os.cpu_count() or 1), extract_batch=16, eval_batch=32),
+    "quick": dict(full=False, arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10),
+                  load_images=16, workers=2, extract_batch=2, eval_batch=8),
 }
+
+
+BASELINES = True  # --no-baseline: time only this project's path (a GPU session's target table)
+
+
+def baseline(fn):
+    """fn() (seconds per call of the straightforward path), or None under --no-baseline."""
+    return fn() if BASELINES else None
+
+
+def per_s(n, seconds):
+    return n / seconds if seconds else None
+
+
+def tf32_settings() -> dict:
+    """The float32 matmul / convolution settings the run used (CUDA: TF32 allowed or not)."""
+    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
 
 
 def auto(device) -> str:
@@ -142,17 +160,20 @@ def pseudo_baseline(backbone, images, centroids):
 # -- stages -------------------------------------------------------------------------------------------
 def bench_extract(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
-    images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
+    B = s["extract_batch"]
+    images = torch.randn(B, 3, 2 * s["R"], 2 * s["R"], device=device)
     windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
     run = lambda: crop_features(backbone, images, windows, s["R"], s["crop_batch"], precision=auto(device))  # noqa: E731
     with torch.no_grad():
         n_crops = sum(len(f) for part in run() for f in part)
         new = timeit(run, device, repeats)
         unfused(backbone)
-        old = timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device, repeats)
+        old = baseline(lambda: timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device,
+                                      repeats))
     fused(backbone)
-    return s["batch"] / new, s["batch"] / old, {"crops_per_image": n_crops / s["batch"],
-                                                "crops_per_s": n_crops / new, "precision": auto(device)}
+    # crop_features forwards the selected crops of all B images together, crop_batch at a time
+    return B / new, per_s(B, old), {"crops_per_image": n_crops / B, "crops_per_s": n_crops / new, "batch": B,
+                                    "crop_batch": s["crop_batch"], "precision": auto(device)}
 
 
 def bench_extract_cut(s, device, repeats):
@@ -167,10 +188,10 @@ def bench_extract_cut(s, device, repeats):
     def run(cut):
         return [cut(images, image_index[c], boxes[c], s["R"]) for c in chunks]
 
-    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline)))
+    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline))) if BASELINES else None
     new = timeit(lambda: run(cut_crops), device, repeats)
-    old = timeit(lambda: run(cut_baseline), device, repeats)
-    return s["batch"] / new, s["batch"] / old, {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
+    old = baseline(lambda: timeit(lambda: run(cut_baseline), device, repeats))
+    return s["batch"] / new, per_s(s["batch"], old), {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
                                                 "crop_px": s["R"], "max_abs_diff": diff}
 
 
@@ -196,9 +217,10 @@ def bench_pseudo(K, precision="fp32"):
         new = timeit(lambda: pseudo_masks(backbone, images, centroids, 1 / 8, precision=precision), device, repeats)
         mb = stored_mb_per_image(*pseudo_mask_parts(backbone, images, centroids, 1 / 8, precision=precision))
         unfused(backbone)
-        old = timeit(lambda: pseudo_baseline(backbone, images, centroids), device, max(repeats // 2, 1))
+        old = baseline(lambda: timeit(lambda: pseudo_baseline(backbone, images, centroids), device,
+                                      max(repeats // 2, 1)))
         fused(backbone)
-        return s["batch"] / new, s["batch"] / old, {"concepts": K, "precision": precision,
+        return s["batch"] / new, per_s(s["batch"], old), {"concepts": K, "precision": precision, "batch": s["batch"],
                                                     "stored_mb_per_image": round(mb, 4)}
     return run
 
@@ -228,19 +250,34 @@ def bench_train(s, device, repeats):
         patches, _ = features_and_teacher(backbone, x)
         decoder_step(student, optimizer, patches, m, teacher_logits, old_cfg, False, 0.05, perm)
 
-    return B / timeit(new, device, repeats), B / timeit(old, device, repeats), {"batch": B, "precision": cfg.precision}
+    return B / timeit(new, device, repeats), per_s(B, baseline(lambda: timeit(old, device, repeats))), {
+        "batch": B, "precision": cfg.precision, "augment_on": device.type, "bootstrap": True}
 
 
 def bench_evaluate(s, device, repeats):
+    """What the evaluate stage does per batch (Segmenter.confusion): forward, logits upsampled to the image,
+    argmax, confusion matrix against the labels (27 clusters x 27 classes, 255 = ignore) copied to the host."""
     backbone = build_backbone(s["arch"], 8, None).to(device)
     decoder = build_decoder(27, backbone.embed_dim).to(device).eval()
-    images = torch.rand(s["batch"] * 4, 3, s["R"], s["R"], device=device)
+    B = s["eval_batch"]
+    images = torch.rand(B, 3, s["R"], s["R"], device=device)
+    labels = torch.randint(0, 28, (B, s["R"], s["R"]), device=device)
+    labels[labels == 27] = 255
     segmenter = Segmenter(backbone, decoder)
-    new = timeit(lambda: segmenter.predict(images, auto(device)), device, repeats)
+
+    def run(precision):
+        with torch.no_grad():
+            pred = segmenter.predict(images, precision)
+            return confusion_matrix(pred, labels, segmenter.n_outputs, 27)
+
+    total = int(run(auto(device)).sum())
+    assert total == int((labels != 255).sum()), "confusion counts every labelled pixel"
+    new = timeit(lambda: run(auto(device)), device, repeats)
     unfused(backbone)
-    old = timeit(lambda: segmenter.predict(images), device, repeats)
+    old = baseline(lambda: timeit(lambda: run("fp32"), device, repeats))
     fused(backbone)
-    return len(images) / new, len(images) / old, {"precision": auto(device)}
+    return B / new, per_s(B, old), {"precision": auto(device), "batch": B,
+                                    "measures": "forward+upsample+argmax+confusion"}
 
 
 def fake_pseudo_parts(n: int, K: int, h: int, seed: int = 0) -> dict:
@@ -256,7 +293,7 @@ def bench_pseudo_write(s, device, repeats):
     """Writing 171-concept pseudo masks (40 x 40 at R = 320) batch by batch and assembling the final file:
     rows packed by a thread pool as they come and copied chunk by chunk (PieceWriter), against raw pieces
     compressed by one thread at the merge. Host work only; sparsity like the stage's (half -1, a fifth 0)."""
-    K, h = (171, s["R"] // 8) if s is SIZES["full"] else (16, 4)
+    K, h = (171, s["R"] // 8) if s["full"] else (16, 4)
     n_batches, B = 8, 32
     batch = fake_pseudo_parts(B, K, h)
 
@@ -345,9 +382,9 @@ def bench_pieces(s, device, repeats):
     - `stage_ms_per_batch` / `baseline_stage_ms_per_batch`: the time the stage's loop spends storing a batch
       when `compute_ms` of device work (a sleep) separates the batches (the background writer overlaps it);
     - `disk_kb_per_batch` / `baseline_disk_kb_per_batch`: bytes kept while the stage runs (pieces vs shard)."""
-    K, h = (171, s["R"] // 8) if s is SIZES["full"] else (16, 4)
-    n_batches, B = (16, 32) if s is SIZES["full"] else (32, 32)
-    compute_s = 0.16 if s is SIZES["full"] else 0.02  # pseudo171, batch 32 at ~200 img/s (H100)
+    K, h = (171, s["R"] // 8) if s["full"] else (16, 4)
+    n_batches, B = (16, 32) if s["full"] else (32, 32)
+    compute_s = 0.16 if s["full"] else 0.02  # pseudo171, batch 32 at ~200 img/s (H100)
     batches = [fake_pseudo_parts(B, K, h, seed=b) for b in range(n_batches)]
     paths = lambda folder: [folder / piece_name(b) for b in range(n_batches)]  # noqa: E731
 
@@ -434,14 +471,14 @@ def bench_load(kind):
             maps = None
             if kind == "train":
                 maps = tmp / "pseudo_masks.h5"
-                K, h = (171 if s is SIZES["full"] else 16), s["R"] // 8
+                K, h = (171 if s["full"] else 16), s["R"] // 8
                 write_piece(tmp / piece_name(0), fake_pseudo_parts(len(index["splits"]["train"]), K, h))
                 with h5py.File(maps, "w") as h5:
                     merge_batches([tmp / piece_name(0)], h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
-            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps))
+            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None)
             batch = s["batch"] * (4 if kind != "extract" else 1)
             new = loader_throughput(data, batch, s["workers"], device)
-            old = loader_throughput(data, batch, 0, device, passes=1)
+            old = loader_throughput(data, batch, 0, device, passes=1) if BASELINES else None
         return new, old, {"size": size, "workers": s["workers"], "batch": batch,
                           "cpus": os.cpu_count(), "unit": "images/s delivered to the device"}
     return run
@@ -466,7 +503,9 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     kmeans(x, k, niter=niter, seed=0, backend=backend, device=device)
     new = time.perf_counter() - t0
     old, baseline, timed = None, None, None
-    if backend == "torch":
+    if not BASELINES:
+        pass
+    elif backend == "torch":
         baseline, timed = "faiss-cpu", niter if n <= 1_000_000 else min(niter, 3)
         t0 = time.perf_counter()
         kmeans(x, k, niter=timed, seed=0, backend="faiss")
@@ -499,9 +538,16 @@ def main(argv=None):
     ap.add_argument("--cluster-backend", choices=["auto", "faiss", "torch"], default="auto",
                     help="k-means backend timed (torch is compared with faiss-cpu)")
     ap.add_argument("--cluster-vectors", type=int, default=None, help="k-means vectors (default: 5M, quick: 20k)")
+    ap.add_argument("--train-batch", type=int, default=None, help="train step batch (default: 256, quick: 4)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="time only this project's path (baseline fields null): the GPU target table")
     args = ap.parse_args(argv)
+    global BASELINES
+    BASELINES = not args.no_baseline
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     sizes = SIZES["quick" if args.quick else "full"]
+    if args.train_batch:
+        sizes = {**sizes, "train_batch": args.train_batch}
     repeats = args.repeats or (2 if args.quick else 10)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -514,7 +560,7 @@ def main(argv=None):
         print(json.dumps({"stage": stage, "img_per_s": round(new, 2),
                           "baseline_img_per_s": round(old, 2) if old else None,
                           "speedup": round(new / old, 2) if old else None, "peak_mem_mb": round(peak_mb(device), 1),
-                          "device": name, **extra}), flush=True)
+                          "device": name, **tf32_settings(), **extra}), flush=True)
 
 
 if __name__ == "__main__":
