@@ -74,7 +74,7 @@ def target_table(rows) -> list[tuple[str, float | None, str, str]]:
         row = find(rows, stage, **(filt if isinstance(filt, dict) else {}))
         value = row.get(field) if row else None
         if target is None:  # a loader: at least the fastest consumer measured
-            consumers = [r.get("img_per_s") for r in (find(rows, s) for s in filt) if r and good(r.get("img_per_s"))]
+            consumers = [r["img_per_s"] for r in rows if r.get("stage") in filt and good(r.get("img_per_s"))]
             target = max(consumers) if consumers else None
         if not good(value):
             out.append((line, value, _target_text(target, kind), "missing"))
