@@ -68,9 +68,55 @@ def per_s(n, seconds):
     return n / seconds if seconds else None
 
 
+def _tf32_switches():
+    """(object, attribute, value for TF32, value for full float32) of the CUDA matmul and cuDNN convolution
+    switches: the fp32_precision API where this torch has it (reading the legacy allow_tf32 after it was used
+    raises), else allow_tf32."""
+    out = []
+    for new, legacy in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+                        (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)):
+        if new is not None and hasattr(new, "fp32_precision"):
+            out.append((new, "fp32_precision", "tf32", "ieee"))
+        else:
+            out.append((legacy, "allow_tf32", True, False))
+    return out
+
+
 def tf32_settings() -> dict:
-    """The float32 matmul / convolution settings the run used (CUDA: TF32 allowed or not)."""
-    return {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_cudnn": torch.backends.cudnn.allow_tf32}
+    """The float32 matmul / convolution settings the run used (CUDA: TF32 or full float32; 'none' = torch's
+    default: matmul full float32, cuDNN convolutions TF32)."""
+    try:
+        (m, ma, *_), (c, ca, *_) = _tf32_switches()
+        return {"tf32_matmul": getattr(m, ma), "tf32_cudnn": getattr(c, ca)}
+    except RuntimeError as e:  # mixed legacy / new API
+        return {"tf32_matmul": f"unreadable: {e}"[:80], "tf32_cudnn": None}
+
+
+def set_tf32(on: bool) -> list:
+    """TF32 on (True) or off for CUDA float32 matmuls and convolutions; returns what to pass to restore_tf32."""
+    saved = []
+    for obj, attr, yes, no in _tf32_switches():
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, yes if on else no)
+    return saved
+
+
+def restore_tf32(saved: list) -> None:
+    for obj, attr, value in reversed(saved):
+        setattr(obj, attr, value)
+
+
+def tf32_label_agreement(backbone, images, centroids) -> float:
+    """Share of pseudo labels (per-pixel argmax over the concepts) identical with TF32 on and off, fp32 path:
+    what allowing TF32 in the pseudo stage would change (1.0 on a CPU, where TF32 does not exist)."""
+    labels = []
+    for on in (False, True):
+        saved = set_tf32(on)
+        try:
+            labels.append(pseudo_masks(backbone, images, centroids, 1 / 8, precision="fp32").argmax(1))
+        finally:
+            restore_tf32(saved)
+    return (labels[0] == labels[1]).float().mean().item()
 
 
 def auto(device) -> str:
@@ -216,12 +262,14 @@ def bench_pseudo(K, precision="fp32"):
                                                                                             device=device)
         new = timeit(lambda: pseudo_masks(backbone, images, centroids, 1 / 8, precision=precision), device, repeats)
         mb = stored_mb_per_image(*pseudo_mask_parts(backbone, images, centroids, 1 / 8, precision=precision))
+        agree = tf32_label_agreement(backbone, images, centroids) if precision == "fp32" else None
         unfused(backbone)
         old = baseline(lambda: timeit(lambda: pseudo_baseline(backbone, images, centroids), device,
                                       max(repeats // 2, 1)))
         fused(backbone)
         return s["batch"] / new, per_s(s["batch"], old), {"concepts": K, "precision": precision, "batch": s["batch"],
-                                                    "stored_mb_per_image": round(mb, 4)}
+                                                    "stored_mb_per_image": round(mb, 4),
+                                                    "tf32_label_agreement": agree}
     return run
 
 
@@ -541,7 +589,11 @@ def main(argv=None):
     ap.add_argument("--train-batch", type=int, default=None, help="train step batch (default: 256, quick: 4)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="time only this project's path (baseline fields null): the GPU target table")
+    ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                    help="CUDA float32 matmuls and convolutions: torch's default, TF32, or full float32")
     args = ap.parse_args(argv)
+    if args.tf32 != "default":
+        set_tf32(args.tf32 == "on")
     global BASELINES
     BASELINES = not args.no_baseline
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
@@ -560,7 +612,7 @@ def main(argv=None):
         print(json.dumps({"stage": stage, "img_per_s": round(new, 2),
                           "baseline_img_per_s": round(old, 2) if old else None,
                           "speedup": round(new / old, 2) if old else None, "peak_mem_mb": round(peak_mb(device), 1),
-                          "device": name, **tf32_settings(), **extra}), flush=True)
+                          "device": name, "tf32": args.tf32, **tf32_settings(), **extra}), flush=True)
 
 
 if __name__ == "__main__":

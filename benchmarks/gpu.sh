@@ -50,6 +50,7 @@ LINES=(
     "train_target|$TO_FAST|--stages train --train-batch $TRAIN_TARGET --repeats $R_MID"
     "extract|$TO_FAST|--stages extract --repeats $R_SLOW"
     "train_pipeline|$TO_FAST|--stages train --train-batch 32 --repeats $R_FAST"
+    "pseudo171_tf32|$TO_FAST|--stages pseudo171 --repeats $R_MID --tf32 on"
     "load_pseudo|$TO_FAST|--stages load_pseudo"
     "load_extract|$TO_FAST|--stages load_extract"
     "load_train|$TO_FAST|--stages load_train"

@@ -27,6 +27,8 @@ COCO_TRAIN, COCO_VAL = 118_287, 5_000  # published COCO 2017 lists (annotated: 1
 TARGETS = [
     ("pseudo masks fp32, 27 concepts", "pseudo27", "img_per_s", 300, "min", {}),
     ("pseudo masks fp32, 171 concepts", "pseudo171", "img_per_s", 300, "min", {}),
+    ("pseudo fp32 171: labels same with TF32 on", "pseudo171", "tf32_label_agreement", 0.9, "min", {}),
+    ("pseudo masks fp32 + TF32 (--tf32 on), 171", "pseudo171", "img_per_s", 300, "min", {"tf32": "on"}),
     ("pseudo masks bf16, 27 concepts", "pseudo27_bf16", "img_per_s", 1000, "min", {}),
     ("pseudo masks bf16, 171 concepts", "pseudo171_bf16", "img_per_s", 800, "min", {}),
     ("evaluate: forward+upsample+argmax+confusion", "evaluate", "img_per_s", 1000, "min", {}),
@@ -47,8 +49,10 @@ def load_rows(path) -> list[dict]:
 
 
 def find(rows, stage: str, **match) -> dict | None:
-    """The last row of `stage` whose fields equal `match` (the last row of `stage` when none does)."""
-    hits = [r for r in rows if r.get("stage") == stage]
+    """The last row of `stage` whose fields equal `match` (the last row of `stage` when none does). Rows
+    measured with `--tf32 on` count only when `match` asks for tf32="on"."""
+    tf32 = match.get("tf32") == "on"
+    hits = [r for r in rows if r.get("stage") == stage and (r.get("tf32") == "on") == tf32]
     exact = [r for r in hits if all(r.get(k) == v for k, v in match.items())]
     return (exact or hits or [None])[-1]
 
@@ -74,7 +78,8 @@ def target_table(rows) -> list[tuple[str, float | None, str, str]]:
         row = find(rows, stage, **(filt if isinstance(filt, dict) else {}))
         value = row.get(field) if row else None
         if target is None:  # a loader: at least the fastest consumer measured
-            consumers = [r["img_per_s"] for r in rows if r.get("stage") in filt and good(r.get("img_per_s"))]
+            consumers = [r["img_per_s"] for r in rows if r.get("stage") in filt and r.get("tf32") != "on"
+                         and good(r.get("img_per_s"))]
             target = max(consumers) if consumers else None
         if not good(value):
             out.append((line, value, _target_text(target, kind), "missing"))
@@ -90,7 +95,7 @@ def target_table(rows) -> list[tuple[str, float | None, str, str]]:
 
 
 def _target_text(target, kind) -> str:
-    return "-" if target is None else (">= " if kind == "min" else "<= ") + f"{target:,.0f}"
+    return "-" if target is None else (">= " if kind == "min" else "<= ") + f"{target:,.6g}"
 
 
 def _rate(rows, stage, loader, **match):
@@ -99,12 +104,12 @@ def _rate(rows, stage, loader, **match):
     if not row or not good(row.get("img_per_s")):
         return None, None
     if load and good(load.get("img_per_s")) and load["img_per_s"] < row["img_per_s"]:
-        return load["img_per_s"], f"{loader} {load['img_per_s']:,.0f} img/s (compute {row['img_per_s']:,.0f})"
-    return row["img_per_s"], f"{stage} {row['img_per_s']:,.0f} img/s"
+        return load["img_per_s"], f"{load['img_per_s']:,.0f} img/s ({loader}-bound; {stage} {row['img_per_s']:,.0f})"
+    return row["img_per_s"], f"{row['img_per_s']:,.0f} img/s ({stage})"
 
 
 def project(rows, n_train: int = COCO_TRAIN, n_val: int = COCO_VAL, epochs: int = 200, train_batch: int = 32,
-            niter: int = 100, pseudo_stage: str = "pseudo171") -> dict:
+            niter: int = 100, pseudo_stage: str = "pseudo171", dim: int = 384, k: int = 171) -> dict:
     """Seconds per stage of the full run (None where a needed line is missing) and the rates used."""
     notes, sec = {}, {}
     r, notes["extract"] = _rate(rows, "extract", "load_extract")
@@ -113,9 +118,11 @@ def project(rows, n_train: int = COCO_TRAIN, n_val: int = COCO_VAL, epochs: int 
     crops = ex["crops_per_image"] * n_train if ex and good(ex.get("crops_per_image")) else None
     notes["vectors"] = crops
     if crops and cl and good(cl.get("seconds")) and good(cl.get("vectors")) and good(cl.get("iterations")):
-        sec["cluster"] = cl["seconds"] * (crops / cl["vectors"]) * (niter / cl["iterations"])
+        shape = (dim / cl["dim"]) * (k / cl["k"]) if good(cl.get("dim")) and good(cl.get("k")) else 1.0
+        sec["cluster"] = cl["seconds"] * (crops / cl["vectors"]) * (niter / cl["iterations"]) * shape
         notes["cluster"] = f"{cl['seconds']} s for {cl['vectors']:,} x {cl.get('dim')} -> {cl.get('k')}, " \
-                           f"{cl['iterations']} iterations ({cl.get('backend')}), scaled linearly"
+                           f"{cl['iterations']} iterations ({cl.get('backend')}), scaled linearly to " \
+                           f"{crops:,.0f} x {dim} -> {k}"
     else:
         sec["cluster"] = None
     r, notes["pseudo"] = _rate(rows, pseudo_stage, "load_pseudo")
@@ -152,7 +159,7 @@ def report(rows, args) -> str:
     w = max(len(t[0]) for t in table)
     lines.append(f"{'line':<{w}}  {'measured':>12}  {'target':>10}  status")
     for line, value, target, status in table:
-        v = f"{value:,.1f}" if good(value) else str(value)
+        v = (f"{value:,.1f}" if value >= 10 else f"{value:.4f}") if good(value) else str(value)
         lines.append(f"{line:<{w}}  {v:>12}  {target:>10}  {status}")
     p = project(rows, args.train_images, args.val_images, args.epochs, args.train_batch, args.niter)
     n = p["notes"]
@@ -162,9 +169,9 @@ def report(rows, args) -> str:
     lines.append(f"  images: {args.train_images:,} train / {args.val_images:,} val "
                  f"(published COCO 2017 lists by default; annotated subsets 117,266 / 4,952); "
                  f"k-means vectors: {vec} (crops per image measured x train images), {args.niter} iterations")
-    lines.append(f"  rates: extract {n['extract']}; pseudo {n['pseudo']}; train (batch {n['train_batch']}, "
-                 f"pipeline batch {args.train_batch}) {n['train']} + val after every epoch at {n['evaluate']}; "
-                 f"cluster {n.get('cluster')}")
+    lines.append(f"  rates: extract {n['extract']}; pseudo {n['pseudo']}; train (measured at batch "
+                 f"{n['train_batch']}, pipeline batch {args.train_batch}) {n['train']} + val after every epoch "
+                 f"at {n['evaluate']}; cluster {n.get('cluster')}")
     return "\n".join(lines)
 
 

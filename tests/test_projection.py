@@ -15,7 +15,7 @@ import projection  # noqa: E402
 
 CARD = "NVIDIA H100 80GB HBM3"
 ROWS = [
-    {"stage": "pseudo171", "img_per_s": 400.0, "device": CARD},
+    {"stage": "pseudo171", "img_per_s": 400.0, "device": CARD, "tf32": "default", "tf32_label_agreement": 0.95},
     {"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": CARD},
     {"stage": "evaluate", "img_per_s": 1200.0, "device": CARD},
     {"stage": "train", "img_per_s": 2500.0, "batch": 256, "device": CARD},
@@ -26,6 +26,7 @@ ROWS = [
     {"stage": "load_train", "img_per_s": 1500.0, "device": CARD},
     {"stage": "cluster", "img_per_s": 5e6, "seconds": 100.0, "vectors": 5_000_000, "iterations": 100, "dim": 384,
      "k": 171, "backend": "torch on cuda", "device": CARD},
+    {"stage": "pseudo171", "img_per_s": 700.0, "device": CARD, "tf32": "on", "tf32_label_agreement": 0.97},
 ]
 
 
@@ -51,6 +52,11 @@ def test_projection_arithmetic(jsonl):
     assert projection.project(rows, niter=200)["seconds"]["cluster"] == pytest.approx(2 * s["cluster"])
     p256 = projection.project(rows, train_batch=256)
     assert p256["seconds"]["train"] == pytest.approx(200 * (118_287 / 1500 + 5_000 / 1000))  # load_train bounds
+    # a k-means measured at other sizes scales with vectors x dim x centres x iterations
+    small = [r for r in rows if r["stage"] != "cluster"] + [
+        {"stage": "cluster", "img_per_s": 1.0, "seconds": 2.0, "vectors": 20_000, "dim": 64, "k": 16, "iterations": 10}]
+    assert projection.project(small)["seconds"]["cluster"] == pytest.approx(
+        2.0 * (60 * 118_287 / 20_000) * (384 / 64) * (171 / 16) * (100 / 10))
 
 
 def test_projection_line_and_missing_stages(jsonl):
@@ -69,6 +75,9 @@ def test_target_table_statuses(jsonl):
     assert table["pseudo masks fp32, 27 concepts"][2] == "missing"
     assert table["pseudo masks fp32, 171 concepts"] == (400.0, ">= 300", "ok")
     assert table["pseudo masks bf16, 171 concepts"] == (900.0, ">= 800", "ok")
+    # the --tf32 on line has its own row; the fp32 line and the projection use the default one
+    assert table["pseudo masks fp32 + TF32 (--tf32 on), 171"] == (700.0, ">= 300", "ok")
+    assert table["pseudo fp32 171: labels same with TF32 on"] == (0.95, ">= 0.9", "ok")
     assert table["train step, bootstrap + device augment, b256"] == (2500.0, ">= 2,000", "ok")
     assert table["k-means 5M x 384 -> 171, 100 iterations (s)"] == (100.0, "<= 120", "ok")
     assert table["extract crops"] == (2400.0, ">= 2,000", "ok")
