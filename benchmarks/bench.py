@@ -532,6 +532,68 @@ def bench_load(kind):
     return run
 
 
+def random_vectors(n: int, d: int, device) -> np.ndarray:
+    """n x d standard normal float32 vectors on the host (the k-means input). With CUDA they are drawn on the
+    device and copied back: numpy takes about 45 s for 5M x 384 on one core, the GPU well under a second."""
+    if device.type == "cuda":
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, d, generator=g, device=device).cpu().numpy()
+        torch.cuda.empty_cache()
+        return x
+    return np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+
+
+class JpegBytes(torch.utils.data.Dataset):
+    """The train split's JPEG files as raw bytes (uint8 numpy arrays, pickled to the main process: torch
+    tensors would each travel as a shared-memory file descriptor): the workers only read, the device decodes."""
+
+    def __init__(self, index: dict):
+        self.paths = [Path(index["root"]) / e["image"] for e in index["splits"]["train"]]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return np.fromfile(self.paths[i], dtype=np.uint8)
+
+
+def decode_resize(raw: list, size: int, device) -> torch.Tensor:
+    """JPEG bytes decoded on `device` (nvJPEG on CUDA, one batched call) and resized to (size, size) with an
+    antialiased bilinear filter (as PIL's BILINEAR resize, which the loaders use): uint8 (B, 3, size, size)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    images = decode_jpeg([torch.from_numpy(r) for r in raw], mode=ImageReadMode.RGB, device=device)
+    return torch.stack([F.interpolate(im[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                                      align_corners=False)[0] for im in images]).round_().clamp_(0, 255).byte()
+
+
+def bench_load_device_decode(s, device, repeats):
+    """A possible loader path, not the pipeline's: DataLoader workers read the JPEG bytes only, the device
+    decodes (torchvision.io.decode_jpeg, nvJPEG on CUDA) and resizes to R; against the pipeline's loader
+    (PIL decode + resize in the workers, pinned memory) on the same files. `mean_abs_diff`: mean absolute
+    difference to the PIL images in uint8 levels."""
+    from transfgu.data.images import load_rgb
+    with tempfile.TemporaryDirectory() as tmp:
+        index = jpeg_split(Path(tmp), s["load_images"])
+        batch, size = s["batch"] * 4, s["R"]
+        loader = torch.utils.data.DataLoader(JpegBytes(index), batch_size=batch, num_workers=s["workers"],
+                                             collate_fn=list, persistent_workers=s["workers"] > 0)
+        for raw in loader:  # warm-up pass: workers started, files in the page cache, decoder initialised
+            first = decode_resize(raw, size, device)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            for raw in loader:
+                decode_resize(raw, size, device)
+        sync(device)
+        new = 2 * len(loader.dataset) / (time.perf_counter() - t0)
+        pil = torch.stack([load_rgb(p, size) for p in loader.dataset.paths[-len(first):]])
+        diff = (first.cpu().float() - pil.float()).abs().mean().item()
+        old = loader_throughput(SplitDataset(index, "train", size), batch, s["workers"], device) if BASELINES else None
+    return new, old, {"size": size, "workers": s["workers"], "batch": batch, "cpus": os.cpu_count(),
+                      "mean_abs_diff": round(diff, 3), "baseline": "PIL in the workers (the pipeline's loader)",
+                      "unit": "images/s delivered to the device"}
+
+
 def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     """k-means with the backend the cluster stage picks (cluster.backend auto: faiss with a GPU index when
     faiss-gpu sees one, else torch on the bench device when torch sees CUDA, else faiss on the CPUs).
@@ -545,7 +607,9 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     n, d, k, default_iter = s["cluster"]
     n, niter = vectors or n, niter or default_iter
     backend = resolve_backend(backend)
-    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    t0 = time.perf_counter()
+    x = random_vectors(n, d, device)
+    data_s = time.perf_counter() - t0
     kmeans(x[:4 * k], k, niter=1, seed=0, backend=backend, device=device)  # warm-up (CUDA context, cuBLAS)
     t0 = time.perf_counter()
     kmeans(x, k, niter=niter, seed=0, backend=backend, device=device)
@@ -565,6 +629,7 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
         old = time.perf_counter() - t0
     return n * niter / new, (n * niter / old if old else None), {
         "vectors": n, "dim": d, "k": k, "iterations": niter, "seconds": round(new, 2),
+        "data_seconds": round(data_s, 2),
         "unit": "vector-iterations/s", "backend": describe_backend(backend, device), "faiss_gpu": gpu_available(),
         "baseline": baseline, "baseline_seconds": round(old, 2) if old else None,
         "baseline_iterations_timed": timed, "baseline_extrapolated": bool(timed is not None and timed < niter)}
@@ -574,7 +639,8 @@ STAGES = {"extract": bench_extract, "extract_cut": bench_extract_cut, "pseudo27"
           "pseudo171": bench_pseudo(171),
           "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
           "pseudo_write": bench_pseudo_write, "pieces": bench_pieces, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
-          "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train")}
+          "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train"),
+          "load_device_decode": bench_load_device_decode}
 
 
 def main(argv=None):
@@ -587,6 +653,7 @@ def main(argv=None):
                     help="k-means backend timed (torch is compared with faiss-cpu)")
     ap.add_argument("--cluster-vectors", type=int, default=None, help="k-means vectors (default: 5M, quick: 20k)")
     ap.add_argument("--train-batch", type=int, default=None, help="train step batch (default: 256, quick: 4)")
+    ap.add_argument("--batch", type=int, default=None, help="pseudo* and extract_cut images per batch (default: 8, quick: 2)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="time only this project's path (baseline fields null): the GPU target table")
     ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
@@ -600,6 +667,8 @@ def main(argv=None):
     sizes = SIZES["quick" if args.quick else "full"]
     if args.train_batch:
         sizes = {**sizes, "train_batch": args.train_batch}
+    if args.batch:
+        sizes = {**sizes, "batch": args.batch}
     repeats = args.repeats or (2 if args.quick else 10)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

@@ -34,10 +34,10 @@ LOG="$OUT/log"
 
 if [[ -n $QUICK ]]; then
     COMMON=(--quick --no-baseline --repeats 1)
-    R_FAST=1; R_MID=1; R_SLOW=1; TRAIN_TARGET=8; TO_FAST=120; TO_SLOW=240
+    R_FAST=1; R_MID=1; R_SLOW=1; TRAIN_TARGET=8; PSEUDO_BATCH=4; TO_FAST=120; TO_SLOW=240
 else
     COMMON=(--no-baseline)
-    R_FAST=20; R_MID=10; R_SLOW=4; TRAIN_TARGET=256; TO_FAST=90; TO_SLOW=240
+    R_FAST=20; R_MID=10; R_SLOW=4; TRAIN_TARGET=256; PSEUDO_BATCH=32; TO_FAST=90; TO_SLOW=240
 fi
 
 # line name | per-line timeout (s) | bench.py arguments; the order is the run order
@@ -55,6 +55,8 @@ LINES=(
     "load_extract|$TO_FAST|--stages load_extract"
     "load_train|$TO_FAST|--stages load_train"
     "cluster|$TO_SLOW|--stages cluster --cluster-backend auto"
+    "pseudo171_b32|$TO_FAST|--stages pseudo171 --batch $PSEUDO_BATCH --repeats $R_MID"
+    "load_device_decode|$TO_FAST|--stages load_device_decode"
 )
 
 {
@@ -80,8 +82,9 @@ for entry in "${LINES[@]}"; do
         exit 1
     fi
     cat "$OUT/$name.json" >>"$JSONL"
-    if ! "$PY" benchmarks/projection.py "$OUT/$name.json" --check "$stage" 2>>"$LOG"; then
+    if ! why=$("$PY" benchmarks/projection.py "$OUT/$name.json" --check "$stage" 2>&1); then
         cat "$OUT/$name.json" >&2
+        echo "$why" | tee -a "$LOG" >&2
         echo "FAILED: $name (stage $stage: no finite positive rate)" >&2
         exit 1
     fi

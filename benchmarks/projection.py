@@ -26,8 +26,9 @@ COCO_TRAIN, COCO_VAL = 118_287, 5_000  # published COCO 2017 lists (annotated: 1
 # A target of None is relative: the loader must deliver at least what the compute stage(s) named consume.
 TARGETS = [
     ("pseudo masks fp32, 27 concepts", "pseudo27", "img_per_s", 300, "min", {}),
-    ("pseudo masks fp32, 171 concepts", "pseudo171", "img_per_s", 300, "min", {}),
-    ("pseudo fp32 171: labels same with TF32 on", "pseudo171", "tf32_label_agreement", 0.9, "min", {}),
+    ("pseudo masks fp32, 171 concepts", "pseudo171", "img_per_s", 300, "min", {"batch": 8}),
+    ("pseudo fp32 171: labels same with TF32 on", "pseudo171", "tf32_label_agreement", 0.9, "min", {"batch": 8}),
+    ("pseudo masks fp32, 171, batch 32 (pipeline)", "pseudo171", "img_per_s", 300, "min", {"batch": 32}),
     ("pseudo masks fp32 + TF32 (--tf32 on), 171", "pseudo171", "img_per_s", 300, "min", {"tf32": "on"}),
     ("pseudo masks bf16, 27 concepts", "pseudo27_bf16", "img_per_s", 1000, "min", {}),
     ("pseudo masks bf16, 171 concepts", "pseudo171_bf16", "img_per_s", 800, "min", {}),
@@ -40,6 +41,8 @@ TARGETS = [
     ("load pseudo/evaluate (JPEG -> R) >= them", "load_pseudo", "img_per_s", None, "min",
      ("pseudo27", "pseudo171", "pseudo27_bf16", "pseudo171_bf16", "evaluate")),
     ("load train (JPEG + HDF5 maps) >= train", "load_train", "img_per_s", None, "min", ("train",)),
+    ("option: JPEG decoded on the device -> R", "load_device_decode", "img_per_s", None, "min",
+     ("pseudo27", "pseudo171", "pseudo27_bf16", "pseudo171_bf16", "evaluate")),
 ]
 QUICK_NOTE = "tiny --quick sizes on the CPU: the targets are the GPU's, the statuses mean nothing here"
 
@@ -63,7 +66,7 @@ def good(x) -> bool:
 
 def check(rows, stage: str) -> str | None:
     """Why the stage's last line is unusable (missing, or a rate that is not a finite positive number), or None."""
-    row = find(rows, stage)
+    row = ([r for r in rows if r.get("stage") == stage] or [None])[-1]  # the last line, whatever its options
     if row is None:
         return f"no JSON line for stage {stage}"
     fields = ["img_per_s"] + {"extract": ["crops_per_s"], "cluster": ["seconds"]}.get(stage, [])
@@ -109,7 +112,8 @@ def _rate(rows, stage, loader, **match):
 
 
 def project(rows, n_train: int = COCO_TRAIN, n_val: int = COCO_VAL, epochs: int = 200, train_batch: int = 32,
-            niter: int = 100, pseudo_stage: str = "pseudo171", dim: int = 384, k: int = 171) -> dict:
+            niter: int = 100, pseudo_stage: str = "pseudo171", dim: int = 384, k: int = 171,
+            pseudo_batch: int = 32) -> dict:
     """Seconds per stage of the full run (None where a needed line is missing) and the rates used."""
     notes, sec = {}, {}
     r, notes["extract"] = _rate(rows, "extract", "load_extract")
@@ -125,8 +129,10 @@ def project(rows, n_train: int = COCO_TRAIN, n_val: int = COCO_VAL, epochs: int 
                            f"{crops:,.0f} x {dim} -> {k}"
     else:
         sec["cluster"] = None
-    r, notes["pseudo"] = _rate(rows, pseudo_stage, "load_pseudo")
+    r, notes["pseudo"] = _rate(rows, pseudo_stage, "load_pseudo", batch=pseudo_batch)
     sec["pseudo"] = n_train / r if r else None
+    row = find(rows, pseudo_stage, batch=pseudo_batch)
+    notes["pseudo_batch"] = row.get("batch") if row else None
     ev, notes["evaluate"] = _rate(rows, "evaluate", "load_pseudo")
     sec["evaluate"] = n_val / ev if ev else None
     tr, notes["train"] = _rate(rows, "train", "load_train", batch=train_batch)
@@ -146,9 +152,9 @@ def projection_line(rows, p: dict) -> str:
             f"evaluate {fmt('evaluate', 'min')}")
 
 
-def pipeline_train_batch(params=REPO / "params.yaml") -> int:
+def pipeline_batch(stage: str, params=REPO / "params.yaml") -> int:
     import yaml
-    return int(yaml.safe_load(Path(params).read_text())["train"]["batch_size"])
+    return int(yaml.safe_load(Path(params).read_text())[stage]["batch_size"])
 
 
 def report(rows, args) -> str:
@@ -161,7 +167,8 @@ def report(rows, args) -> str:
     for line, value, target, status in table:
         v = (f"{value:,.1f}" if value >= 10 else f"{value:.4f}") if good(value) else str(value)
         lines.append(f"{line:<{w}}  {v:>12}  {target:>10}  {status}")
-    p = project(rows, args.train_images, args.val_images, args.epochs, args.train_batch, args.niter)
+    p = project(rows, args.train_images, args.val_images, args.epochs, args.train_batch, args.niter,
+                pseudo_batch=args.pseudo_batch)
     n = p["notes"]
     lines.append("")
     lines.append(projection_line(rows, p))
@@ -169,7 +176,8 @@ def report(rows, args) -> str:
     lines.append(f"  images: {args.train_images:,} train / {args.val_images:,} val "
                  f"(published COCO 2017 lists by default; annotated subsets 117,266 / 4,952); "
                  f"k-means vectors: {vec} (crops per image measured x train images), {args.niter} iterations")
-    lines.append(f"  rates: extract {n['extract']}; pseudo {n['pseudo']}; train (measured at batch "
+    lines.append(f"  rates: extract {n['extract']}; pseudo (171 concepts, float32, batch {n['pseudo_batch']}) "
+                 f"{n['pseudo']}; train (measured at batch "
                  f"{n['train_batch']}, pipeline batch {args.train_batch}) {n['train']} + val after every epoch "
                  f"at {n['evaluate']}; cluster {n.get('cluster')}")
     return "\n".join(lines)
@@ -183,6 +191,7 @@ def main(argv=None):
     ap.add_argument("--val-images", type=int, default=COCO_VAL)
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--train-batch", type=int, default=None, help="default: params.yaml train.batch_size")
+    ap.add_argument("--pseudo-batch", type=int, default=None, help="default: params.yaml pseudo.batch_size")
     ap.add_argument("--niter", type=int, default=100, help="k-means iterations of the full run")
     args = ap.parse_args(argv)
     rows = load_rows(args.jsonl)
@@ -193,7 +202,9 @@ def main(argv=None):
             return 1
         return 0
     if args.train_batch is None:
-        args.train_batch = pipeline_train_batch()
+        args.train_batch = pipeline_batch("train")
+    if args.pseudo_batch is None:
+        args.pseudo_batch = pipeline_batch("pseudo")
     print(report(rows, args))
     return 0
 

@@ -60,3 +60,13 @@ def test_quick_benchmark_without_baselines_for_the_gpu_table():
     assert rows["train"]["batch"] == 6 and rows["train"]["bootstrap"] and rows["train"]["augment_on"] == "cpu"
     assert rows["pseudo27"]["tf32_label_agreement"] == 1.0
     assert rows["extract"]["batch"] == 2 and rows["extract"]["crops_per_s"] > 0
+
+
+def test_quick_benchmark_device_jpeg_decode():
+    """load_device_decode: JPEG bytes read by the workers, decoded by torchvision on the bench device and resized
+    to R (antialiased): within a fraction of a uint8 level of the pipeline's PIL images."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
+                          "--stages", "load_device_decode"], capture_output=True, text=True, timeout=300, check=True)
+    (row,) = map(json.loads, out.stdout.splitlines())
+    assert row["img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["size"] == 32
+    assert row["mean_abs_diff"] < 1.0

@@ -15,7 +15,8 @@ import projection  # noqa: E402
 
 CARD = "NVIDIA H100 80GB HBM3"
 ROWS = [
-    {"stage": "pseudo171", "img_per_s": 400.0, "device": CARD, "tf32": "default", "tf32_label_agreement": 0.95},
+    {"stage": "pseudo171", "img_per_s": 400.0, "batch": 8, "device": CARD, "tf32": "default",
+     "tf32_label_agreement": 0.95},
     {"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": CARD},
     {"stage": "evaluate", "img_per_s": 1200.0, "device": CARD},
     {"stage": "train", "img_per_s": 2500.0, "batch": 256, "device": CARD},
@@ -26,7 +27,9 @@ ROWS = [
     {"stage": "load_train", "img_per_s": 1500.0, "device": CARD},
     {"stage": "cluster", "img_per_s": 5e6, "seconds": 100.0, "vectors": 5_000_000, "iterations": 100, "dim": 384,
      "k": 171, "backend": "torch on cuda", "device": CARD},
-    {"stage": "pseudo171", "img_per_s": 700.0, "device": CARD, "tf32": "on", "tf32_label_agreement": 0.97},
+    {"stage": "pseudo171", "img_per_s": 700.0, "batch": 8, "device": CARD, "tf32": "on", "tf32_label_agreement": 0.97},
+    {"stage": "pseudo171", "img_per_s": 500.0, "batch": 32, "device": CARD, "tf32": "default",
+     "tf32_label_agreement": 0.96},
 ]
 
 
@@ -44,7 +47,9 @@ def test_projection_arithmetic(jsonl):
     assert s["extract"] == pytest.approx(118_287 / 20)  # the loader (20 img/s) bounds extract (40)
     assert p["notes"]["vectors"] == pytest.approx(60 * 118_287)
     assert s["cluster"] == pytest.approx(100 * 60 * 118_287 / 5_000_000)  # linear in the vectors
-    assert s["pseudo"] == pytest.approx(118_287 / 400)  # fp32 171 concepts, the pipeline's default
+    assert s["pseudo"] == pytest.approx(118_287 / 500)  # fp32 171 concepts at the pipeline's batch 32
+    assert p["notes"]["pseudo_batch"] == 32
+    assert projection.project(rows, pseudo_batch=8)["seconds"]["pseudo"] == pytest.approx(118_287 / 400)
     assert s["evaluate"] == pytest.approx(5_000 / 1000)  # load_pseudo (1000) bounds evaluate (1200)
     assert s["train"] == pytest.approx(200 * (118_287 / 1000 + 5_000 / 1000))  # batch 32 line, val each epoch
     assert p["notes"]["train_batch"] == 32
@@ -62,9 +67,9 @@ def test_projection_arithmetic(jsonl):
 def test_projection_line_and_missing_stages(jsonl):
     rows = projection.load_rows(jsonl)
     line = projection.projection_line(rows, projection.project(rows))
-    assert line == (f"full COCO-Stuff-171 run on one {CARD}: extract 1.64 h, cluster 2.4 min, pseudo 4.9 min, "
+    assert line == (f"full COCO-Stuff-171 run on one {CARD}: extract 1.64 h, cluster 2.4 min, pseudo 3.9 min, "
                     f"train 6.85 h (200 epochs), evaluate 0.1 min")
-    only = [r for r in rows if r["stage"] == "pseudo171"]
+    only = [r for r in rows if r["stage"] == "pseudo171" and r["batch"] == 8]
     line = projection.projection_line(only, projection.project(only))
     assert line.endswith("extract n/a, cluster n/a, pseudo 4.9 min, train n/a (200 epochs), evaluate n/a")
 
@@ -78,6 +83,7 @@ def test_target_table_statuses(jsonl):
     # the --tf32 on line has its own row; the fp32 line and the projection use the default one
     assert table["pseudo masks fp32 + TF32 (--tf32 on), 171"] == (700.0, ">= 300", "ok")
     assert table["pseudo fp32 171: labels same with TF32 on"] == (0.95, ">= 0.9", "ok")
+    assert table["pseudo masks fp32, 171, batch 32 (pipeline)"] == (500.0, ">= 300", "ok")
     assert table["train step, bootstrap + device augment, b256"] == (2500.0, ">= 2,000", "ok")
     assert table["k-means 5M x 384 -> 171, 100 iterations (s)"] == (100.0, "<= 120", "ok")
     assert table["extract crops"] == (2400.0, ">= 2,000", "ok")
@@ -88,6 +94,7 @@ def test_target_table_statuses(jsonl):
 
 def test_check_rejects_missing_nan_and_zero_rates():
     assert projection.check(ROWS, "cluster") is None and projection.check(ROWS, "extract") is None
+    assert projection.check([{"stage": "pseudo171", "img_per_s": 5.0, "tf32": "on"}], "pseudo171") is None
     assert "no JSON line" in projection.check(ROWS, "pseudo27")
     assert "img_per_s=nan" in projection.check([{"stage": "evaluate", "img_per_s": math.nan}], "evaluate")
     assert "img_per_s=0" in projection.check([{"stage": "evaluate", "img_per_s": 0}], "evaluate")
