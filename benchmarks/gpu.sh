@@ -8,7 +8,7 @@
 #
 # OUTDIR/bench.jsonl: one JSON line per stage (bench.py's fields); OUTDIR/log: stderr and the per-stage
 # times; OUTDIR/table.txt: the target table and the projection. A stage that errors fails the script with its
-# name, and so does a rate that is not a finite positive number. Cheap and most important lines run first, so
+# name (after the table of the lines measured so far), and so does a rate that is not a finite positive number. Cheap and most important lines run first, so
 # a timeout still leaves results. GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides
 # python3.
 set -euo pipefail
@@ -65,6 +65,15 @@ LINES=(
     "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
 } >>"$LOG" 2>&1
 
+fail() {  # the lines measured so far, then the failure (exit 1)
+    if [[ -s $JSONL ]]; then
+        echo
+        "$PY" benchmarks/projection.py "$JSONL" | tee "$OUT/table.txt" || true
+    fi
+    echo "FAILED: $1" >&2
+    exit 1
+}
+
 START=$(date +%s)
 printf '%-16s %8s %8s\n' line seconds total
 for entry in "${LINES[@]}"; do
@@ -78,15 +87,13 @@ for entry in "${LINES[@]}"; do
     # shellcheck disable=SC2086
     if ! timeout "$limit" "$PY" benchmarks/bench.py "${COMMON[@]}" $args >"$OUT/$name.json" 2>>"$LOG"; then
         tail -n 20 "$LOG" >&2
-        echo "FAILED: $name (bench.py stage $stage exited non-zero or ran past ${limit} s; log: $LOG)" >&2
-        exit 1
+        fail "$name (bench.py stage $stage exited non-zero or ran past ${limit} s; log: $LOG)"
     fi
     cat "$OUT/$name.json" >>"$JSONL"
     if ! why=$("$PY" benchmarks/projection.py "$OUT/$name.json" --check "$stage" 2>&1); then
         cat "$OUT/$name.json" >&2
         echo "$why" | tee -a "$LOG" >&2
-        echo "FAILED: $name (stage $stage: no finite positive rate)" >&2
-        exit 1
+        fail "$name (stage $stage: no finite positive rate)"
     fi
     t1=$(date +%s.%N)
     line=$(awk -v n="$name" -v a="$t0" -v b="$t1" -v t="$(($(date +%s) - START))" \

@@ -149,4 +149,20 @@ def test_gpu_sh_fails_loudly_with_the_stage_name(tmp_path, fake, message):
     out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
                          timeout=120, env=_env(PYTHON=str(py)))
     assert out.returncode == 1 and message in out.stderr
-    assert "full COCO-Stuff-171" not in out.stdout
+    # nothing measured: no table; a NaN line is kept in bench.jsonl and the table shows it as missing
+    assert ("full COCO-Stuff-171" in out.stdout) == ("NaN" in fake)
+
+
+def test_gpu_sh_failure_after_a_line_still_prints_its_table(tmp_path):
+    """A line that fails after others succeeded: the table of what was measured, then FAILED with the name."""
+    py = tmp_path / "fakepython"
+    py.write_text('#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then\n'
+                  '  if [[ " $* " == *" pseudo171_bf16 "* ]]; then\n'
+                  '    echo \'{"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": "fake card"}\'\n'
+                  f'  else exit 3; fi\nelse exec {sys.executable} "$@"; fi\n')
+    py.chmod(0o755)
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120, env=_env(PYTHON=str(py)))
+    assert out.returncode == 1 and "FAILED: pseudo27_bf16 (bench.py stage pseudo27_bf16" in out.stderr
+    assert "full COCO-Stuff-171 run on one fake card" in out.stdout
+    assert "900.0" in (tmp_path / "out" / "table.txt").read_text()
