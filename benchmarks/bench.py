@@ -13,7 +13,12 @@ pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp
 `*_bf16` stages). extract_cut times the crop cut alone (every window of a batch, the published slice resized
 to R): one gather and one F.interpolate per window size against a slice + F.interpolate per window. The
 load_* stages time the data loading of the extract, pseudo and train stages on JPEG files (and the
-pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process.
+pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process; load_device_decode
+times an optional path (workers read JPEG bytes, torchvision decodes them on the device) against that loader.
+
+--no-baseline times only this project's path (benchmarks/gpu.sh, the GPU target table); --batch and
+--train-batch set the pseudo and train batches; --tf32 on|off sets CUDA's float32 matmul / convolution mode
+(default: torch's), recorded in every line with the fp32 pseudo lines' `tf32_label_agreement`.
 """
 from __future__ import annotations
 

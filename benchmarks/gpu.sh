@@ -75,7 +75,7 @@ fail() {  # the lines measured so far, then the failure (exit 1)
 }
 
 START=$(date +%s)
-printf '%-16s %8s %8s\n' line seconds total
+printf '%-20s %8s %8s\n' line seconds total
 for entry in "${LINES[@]}"; do
     IFS='|' read -r name limit args <<<"$entry"
     if [[ -n ${GPU_SH_ONLY:-} && " $GPU_SH_ONLY " != *" $name "* ]]; then
@@ -97,7 +97,7 @@ for entry in "${LINES[@]}"; do
     fi
     t1=$(date +%s.%N)
     line=$(awk -v n="$name" -v a="$t0" -v b="$t1" -v t="$(($(date +%s) - START))" \
-        'BEGIN { printf "%-16s %8.1f %8d", n, b - a, t }')
+        'BEGIN { printf "%-20s %8.1f %8d", n, b - a, t }')
     echo "$line"
     echo "## $line" >>"$LOG"
 done
