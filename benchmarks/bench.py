@@ -13,7 +13,12 @@ pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp
 `*_bf16` stages). extract_cut times the crop cut alone (every window of a batch, the published slice resized
 to R): one gather and one F.interpolate per window size against a slice + F.interpolate per window. The
 load_* stages time the data loading of the extract, pseudo and train stages on JPEG files (and the
-pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process.
+pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process; load_device_decode
+times an optional path (workers read JPEG bytes, torchvision decodes them on the device) against that loader.
+
+--no-baseline times only this project's path (benchmarks/gpu.sh, the GPU target table); --batch and
+--train-batch set the pseudo and train batches; --tf32 on|off sets CUDA's float32 matmul / convolution mode
+(default: torch's), recorded in every line with the fp32 pseudo lines' `tf32_label_agreement`.
 """
 from __future__ import annotations
 
@@ -44,15 +49,79 @@ from transfgu.models.vit import build_backbone  # noqa: E402
 from transfgu.precision import resolve_precision  # noqa: E402
 from transfgu.pseudo import pseudo_mask_parts, pseudo_masks  # noqa: E402
 from transfgu.pseudo_store import PseudoMaskReader  # noqa: E402
+from transfgu.metrics import confusion_matrix  # noqa: E402
 from transfgu.segmenter import Segmenter  # noqa: E402
 from transfgu.train import TrainConfig, decoder_step, features_and_teacher, train_step  # noqa: E402
 
 SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
-    "full": dict(arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
-                 load_images=256, workers=min(8, os.cpu_count() or 1)),
-    "quick": dict(arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10),
-                  load_images=16, workers=2),
+    "full": dict(full=True, arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
+                 load_images=256, workers=min(8, os.cpu_count() or 1), extract_batch=16, eval_batch=32),
+    "quick": dict(full=False, arch="vit_mini", R=32, batch=2, crop_batch=64, train_batch=4, cluster=(20_000, 64, 16, 10),
+                  load_images=16, workers=2, extract_batch=2, eval_batch=8),
 }
+
+
+BASELINES = True  # --no-baseline: time only this project's path (a GPU session's target table)
+
+
+def baseline(fn):
+    """fn() (seconds per call of the straightforward path), or None under --no-baseline."""
+    return fn() if BASELINES else None
+
+
+def per_s(n, seconds):
+    return n / seconds if seconds else None
+
+
+def _tf32_switches():
+    """(object, attribute, value for TF32, value for full float32) of the CUDA matmul and cuDNN convolution
+    switches: the fp32_precision API where this torch has it (reading the legacy allow_tf32 after it was used
+    raises), else allow_tf32."""
+    out = []
+    for new, legacy in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+                        (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)):
+        if new is not None and hasattr(new, "fp32_precision"):
+            out.append((new, "fp32_precision", "tf32", "ieee"))
+        else:
+            out.append((legacy, "allow_tf32", True, False))
+    return out
+
+
+def tf32_settings() -> dict:
+    """The float32 matmul / convolution settings the run used (CUDA: TF32 or full float32; 'none' = torch's
+    default: matmul full float32, cuDNN convolutions TF32)."""
+    try:
+        (m, ma, *_), (c, ca, *_) = _tf32_switches()
+        return {"tf32_matmul": getattr(m, ma), "tf32_cudnn": getattr(c, ca)}
+    except RuntimeError as e:  # mixed legacy / new API
+        return {"tf32_matmul": f"unreadable: {e}"[:80], "tf32_cudnn": None}
+
+
+def set_tf32(on: bool) -> list:
+    """TF32 on (True) or off for CUDA float32 matmuls and convolutions; returns what to pass to restore_tf32."""
+    saved = []
+    for obj, attr, yes, no in _tf32_switches():
+        saved.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, yes if on else no)
+    return saved
+
+
+def restore_tf32(saved: list) -> None:
+    for obj, attr, value in reversed(saved):
+        setattr(obj, attr, value)
+
+
+def tf32_label_agreement(backbone, images, centroids) -> float:
+    """Share of pseudo labels (per-pixel argmax over the concepts) identical with TF32 on and off, fp32 path:
+    what allowing TF32 in the pseudo stage would change (1.0 on a CPU, where TF32 does not exist)."""
+    labels = []
+    for on in (False, True):
+        saved = set_tf32(on)
+        try:
+            labels.append(pseudo_masks(backbone, images, centroids, 1 / 8, precision="fp32").argmax(1))
+        finally:
+            restore_tf32(saved)
+    return (labels[0] == labels[1]).float().mean().item()
 
 
 def auto(device) -> str:
@@ -142,17 +211,20 @@ def pseudo_baseline(backbone, images, centroids):
 # -- stages -------------------------------------------------------------------------------------------
 def bench_extract(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
-    images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
+    B = s["extract_batch"]
+    images = torch.randn(B, 3, 2 * s["R"], 2 * s["R"], device=device)
     windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
     run = lambda: crop_features(backbone, images, windows, s["R"], s["crop_batch"], precision=auto(device))  # noqa: E731
     with torch.no_grad():
         n_crops = sum(len(f) for part in run() for f in part)
         new = timeit(run, device, repeats)
         unfused(backbone)
-        old = timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device, repeats)
+        old = baseline(lambda: timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device,
+                                      repeats))
     fused(backbone)
-    return s["batch"] / new, s["batch"] / old, {"crops_per_image": n_crops / s["batch"],
-                                                "crops_per_s": n_crops / new, "precision": auto(device)}
+    # crop_features forwards the selected crops of all B images together, crop_batch at a time
+    return B / new, per_s(B, old), {"crops_per_image": n_crops / B, "crops_per_s": n_crops / new, "batch": B,
+                                    "crop_batch": s["crop_batch"], "precision": auto(device)}
 
 
 def bench_extract_cut(s, device, repeats):
@@ -167,10 +239,10 @@ def bench_extract_cut(s, device, repeats):
     def run(cut):
         return [cut(images, image_index[c], boxes[c], s["R"]) for c in chunks]
 
-    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline)))
+    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline))) if BASELINES else None
     new = timeit(lambda: run(cut_crops), device, repeats)
-    old = timeit(lambda: run(cut_baseline), device, repeats)
-    return s["batch"] / new, s["batch"] / old, {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
+    old = baseline(lambda: timeit(lambda: run(cut_baseline), device, repeats))
+    return s["batch"] / new, per_s(s["batch"], old), {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
                                                 "crop_px": s["R"], "max_abs_diff": diff}
 
 
@@ -195,11 +267,14 @@ def bench_pseudo(K, precision="fp32"):
                                                                                             device=device)
         new = timeit(lambda: pseudo_masks(backbone, images, centroids, 1 / 8, precision=precision), device, repeats)
         mb = stored_mb_per_image(*pseudo_mask_parts(backbone, images, centroids, 1 / 8, precision=precision))
+        agree = tf32_label_agreement(backbone, images, centroids) if precision == "fp32" else None
         unfused(backbone)
-        old = timeit(lambda: pseudo_baseline(backbone, images, centroids), device, max(repeats // 2, 1))
+        old = baseline(lambda: timeit(lambda: pseudo_baseline(backbone, images, centroids), device,
+                                      max(repeats // 2, 1)))
         fused(backbone)
-        return s["batch"] / new, s["batch"] / old, {"concepts": K, "precision": precision,
-                                                    "stored_mb_per_image": round(mb, 4)}
+        return s["batch"] / new, per_s(s["batch"], old), {"concepts": K, "precision": precision, "batch": s["batch"],
+                                                    "stored_mb_per_image": round(mb, 4),
+                                                    "tf32_label_agreement": agree}
     return run
 
 
@@ -228,19 +303,34 @@ def bench_train(s, device, repeats):
         patches, _ = features_and_teacher(backbone, x)
         decoder_step(student, optimizer, patches, m, teacher_logits, old_cfg, False, 0.05, perm)
 
-    return B / timeit(new, device, repeats), B / timeit(old, device, repeats), {"batch": B, "precision": cfg.precision}
+    return B / timeit(new, device, repeats), per_s(B, baseline(lambda: timeit(old, device, repeats))), {
+        "batch": B, "precision": cfg.precision, "augment_on": device.type, "bootstrap": True}
 
 
 def bench_evaluate(s, device, repeats):
+    """What the evaluate stage does per batch (Segmenter.confusion): forward, logits upsampled to the image,
+    argmax, confusion matrix against the labels (27 clusters x 27 classes, 255 = ignore) copied to the host."""
     backbone = build_backbone(s["arch"], 8, None).to(device)
     decoder = build_decoder(27, backbone.embed_dim).to(device).eval()
-    images = torch.rand(s["batch"] * 4, 3, s["R"], s["R"], device=device)
+    B = s["eval_batch"]
+    images = torch.rand(B, 3, s["R"], s["R"], device=device)
+    labels = torch.randint(0, 28, (B, s["R"], s["R"]), device=device)
+    labels[labels == 27] = 255
     segmenter = Segmenter(backbone, decoder)
-    new = timeit(lambda: segmenter.predict(images, auto(device)), device, repeats)
+
+    def run(precision):
+        with torch.no_grad():
+            pred = segmenter.predict(images, precision)
+            return confusion_matrix(pred, labels, segmenter.n_outputs, 27)
+
+    total = int(run(auto(device)).sum())
+    assert total == int((labels != 255).sum()), "confusion counts every labelled pixel"
+    new = timeit(lambda: run(auto(device)), device, repeats)
     unfused(backbone)
-    old = timeit(lambda: segmenter.predict(images), device, repeats)
+    old = baseline(lambda: timeit(lambda: run("fp32"), device, repeats))
     fused(backbone)
-    return len(images) / new, len(images) / old, {"precision": auto(device)}
+    return B / new, per_s(B, old), {"precision": auto(device), "batch": B,
+                                    "measures": "forward+upsample+argmax+confusion"}
 
 
 def fake_pseudo_parts(n: int, K: int, h: int, seed: int = 0) -> dict:
@@ -256,7 +346,7 @@ def bench_pseudo_write(s, device, repeats):
     """Writing 171-concept pseudo masks (40 x 40 at R = 320) batch by batch and assembling the final file:
     rows packed by a thread pool as they come and copied chunk by chunk (PieceWriter), against raw pieces
     compressed by one thread at the merge. Host work only; sparsity like the stage's (half -1, a fifth 0)."""
-    K, h = (171, s["R"] // 8) if s is SIZES["full"] else (16, 4)
+    K, h = (171, s["R"] // 8) if s["full"] else (16, 4)
     n_batches, B = 8, 32
     batch = fake_pseudo_parts(B, K, h)
 
@@ -345,9 +435,9 @@ def bench_pieces(s, device, repeats):
     - `stage_ms_per_batch` / `baseline_stage_ms_per_batch`: the time the stage's loop spends storing a batch
       when `compute_ms` of device work (a sleep) separates the batches (the background writer overlaps it);
     - `disk_kb_per_batch` / `baseline_disk_kb_per_batch`: bytes kept while the stage runs (pieces vs shard)."""
-    K, h = (171, s["R"] // 8) if s is SIZES["full"] else (16, 4)
-    n_batches, B = (16, 32) if s is SIZES["full"] else (32, 32)
-    compute_s = 0.16 if s is SIZES["full"] else 0.02  # pseudo171, batch 32 at ~200 img/s (H100)
+    K, h = (171, s["R"] // 8) if s["full"] else (16, 4)
+    n_batches, B = (16, 32) if s["full"] else (32, 32)
+    compute_s = 0.16 if s["full"] else 0.02  # pseudo171, batch 32 at ~200 img/s (H100)
     batches = [fake_pseudo_parts(B, K, h, seed=b) for b in range(n_batches)]
     paths = lambda folder: [folder / piece_name(b) for b in range(n_batches)]  # noqa: E731
 
@@ -434,17 +524,79 @@ def bench_load(kind):
             maps = None
             if kind == "train":
                 maps = tmp / "pseudo_masks.h5"
-                K, h = (171 if s is SIZES["full"] else 16), s["R"] // 8
+                K, h = (171 if s["full"] else 16), s["R"] // 8
                 write_piece(tmp / piece_name(0), fake_pseudo_parts(len(index["splits"]["train"]), K, h))
                 with h5py.File(maps, "w") as h5:
                     merge_batches([tmp / piece_name(0)], h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
-            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps))
+            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None)
             batch = s["batch"] * (4 if kind != "extract" else 1)
             new = loader_throughput(data, batch, s["workers"], device)
-            old = loader_throughput(data, batch, 0, device, passes=1)
+            old = loader_throughput(data, batch, 0, device, passes=1) if BASELINES else None
         return new, old, {"size": size, "workers": s["workers"], "batch": batch,
                           "cpus": os.cpu_count(), "unit": "images/s delivered to the device"}
     return run
+
+
+def random_vectors(n: int, d: int, device) -> np.ndarray:
+    """n x d standard normal float32 vectors on the host (the k-means input). With CUDA they are drawn on the
+    device and copied back: numpy takes about 45 s for 5M x 384 on one core, the GPU well under a second."""
+    if device.type == "cuda":
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(n, d, generator=g, device=device).cpu().numpy()
+        torch.cuda.empty_cache()
+        return x
+    return np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+
+
+class JpegBytes(torch.utils.data.Dataset):
+    """The train split's JPEG files as raw bytes (uint8 numpy arrays, pickled to the main process: torch
+    tensors would each travel as a shared-memory file descriptor): the workers only read, the device decodes."""
+
+    def __init__(self, index: dict):
+        self.paths = [Path(index["root"]) / e["image"] for e in index["splits"]["train"]]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return np.fromfile(self.paths[i], dtype=np.uint8)
+
+
+def decode_resize(raw: list, size: int, device) -> torch.Tensor:
+    """JPEG bytes decoded on `device` (nvJPEG on CUDA, one batched call) and resized to (size, size) with an
+    antialiased bilinear filter (as PIL's BILINEAR resize, which the loaders use): uint8 (B, 3, size, size)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    images = decode_jpeg([torch.from_numpy(r) for r in raw], mode=ImageReadMode.RGB, device=device)
+    return torch.stack([F.interpolate(im[None].float(), size=(size, size), mode="bilinear", antialias=True,
+                                      align_corners=False)[0] for im in images]).round_().clamp_(0, 255).byte()
+
+
+def bench_load_device_decode(s, device, repeats):
+    """A possible loader path, not the pipeline's: DataLoader workers read the JPEG bytes only, the device
+    decodes (torchvision.io.decode_jpeg, nvJPEG on CUDA) and resizes to R; against the pipeline's loader
+    (PIL decode + resize in the workers, pinned memory) on the same files. `mean_abs_diff`: mean absolute
+    difference to the PIL images in uint8 levels."""
+    from transfgu.data.images import load_rgb
+    with tempfile.TemporaryDirectory() as tmp:
+        index = jpeg_split(Path(tmp), s["load_images"])
+        batch, size = s["batch"] * 4, s["R"]
+        loader = torch.utils.data.DataLoader(JpegBytes(index), batch_size=batch, num_workers=s["workers"],
+                                             collate_fn=list, persistent_workers=s["workers"] > 0)
+        for raw in loader:  # warm-up pass: workers started, files in the page cache, decoder initialised
+            first = decode_resize(raw, size, device)
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(2):
+            for raw in loader:
+                decode_resize(raw, size, device)
+        sync(device)
+        new = 2 * len(loader.dataset) / (time.perf_counter() - t0)
+        pil = torch.stack([load_rgb(p, size) for p in loader.dataset.paths[-len(first):]])
+        diff = (first.cpu().float() - pil.float()).abs().mean().item()
+        old = loader_throughput(SplitDataset(index, "train", size), batch, s["workers"], device) if BASELINES else None
+    return new, old, {"size": size, "workers": s["workers"], "batch": batch, "cpus": os.cpu_count(),
+                      "mean_abs_diff": round(diff, 3), "baseline": "PIL in the workers (the pipeline's loader)",
+                      "unit": "images/s delivered to the device"}
 
 
 def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
@@ -460,13 +612,17 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     n, d, k, default_iter = s["cluster"]
     n, niter = vectors or n, niter or default_iter
     backend = resolve_backend(backend)
-    x = np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
+    t0 = time.perf_counter()
+    x = random_vectors(n, d, device)
+    data_s = time.perf_counter() - t0
     kmeans(x[:4 * k], k, niter=1, seed=0, backend=backend, device=device)  # warm-up (CUDA context, cuBLAS)
     t0 = time.perf_counter()
     kmeans(x, k, niter=niter, seed=0, backend=backend, device=device)
     new = time.perf_counter() - t0
     old, baseline, timed = None, None, None
-    if backend == "torch":
+    if not BASELINES:
+        pass
+    elif backend == "torch":
         baseline, timed = "faiss-cpu", niter if n <= 1_000_000 else min(niter, 3)
         t0 = time.perf_counter()
         kmeans(x, k, niter=timed, seed=0, backend="faiss")
@@ -478,6 +634,7 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
         old = time.perf_counter() - t0
     return n * niter / new, (n * niter / old if old else None), {
         "vectors": n, "dim": d, "k": k, "iterations": niter, "seconds": round(new, 2),
+        "data_seconds": round(data_s, 2),
         "unit": "vector-iterations/s", "backend": describe_backend(backend, device), "faiss_gpu": gpu_available(),
         "baseline": baseline, "baseline_seconds": round(old, 2) if old else None,
         "baseline_iterations_timed": timed, "baseline_extrapolated": bool(timed is not None and timed < niter)}
@@ -487,7 +644,8 @@ STAGES = {"extract": bench_extract, "extract_cut": bench_extract_cut, "pseudo27"
           "pseudo171": bench_pseudo(171),
           "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
           "pseudo_write": bench_pseudo_write, "pieces": bench_pieces, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
-          "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train")}
+          "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train"),
+          "load_device_decode": bench_load_device_decode}
 
 
 def main(argv=None):
@@ -499,9 +657,23 @@ def main(argv=None):
     ap.add_argument("--cluster-backend", choices=["auto", "faiss", "torch"], default="auto",
                     help="k-means backend timed (torch is compared with faiss-cpu)")
     ap.add_argument("--cluster-vectors", type=int, default=None, help="k-means vectors (default: 5M, quick: 20k)")
+    ap.add_argument("--train-batch", type=int, default=None, help="train step batch (default: 256, quick: 4)")
+    ap.add_argument("--batch", type=int, default=None, help="pseudo* and extract_cut images per batch (default: 8, quick: 2)")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="time only this project's path (baseline fields null): the GPU target table")
+    ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
+                    help="CUDA float32 matmuls and convolutions: torch's default, TF32, or full float32")
     args = ap.parse_args(argv)
+    if args.tf32 != "default":
+        set_tf32(args.tf32 == "on")
+    global BASELINES
+    BASELINES = not args.no_baseline
     device = torch.device("cpu" if args.quick or not torch.cuda.is_available() else "cuda")
     sizes = SIZES["quick" if args.quick else "full"]
+    if args.train_batch:
+        sizes = {**sizes, "train_batch": args.train_batch}
+    if args.batch:
+        sizes = {**sizes, "batch": args.batch}
     repeats = args.repeats or (2 if args.quick else 10)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -514,7 +686,7 @@ def main(argv=None):
         print(json.dumps({"stage": stage, "img_per_s": round(new, 2),
                           "baseline_img_per_s": round(old, 2) if old else None,
                           "speedup": round(new / old, 2) if old else None, "peak_mem_mb": round(peak_mb(device), 1),
-                          "device": name, **extra}), flush=True)
+                          "device": name, "tf32": args.tf32, **tf32_settings(), **extra}), flush=True)
 
 
 if __name__ == "__main__":

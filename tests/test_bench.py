@@ -42,3 +42,31 @@ def test_quick_benchmark_extract_and_cut():
     cut = rows["extract_cut"]
     assert cut["crops_per_image"] == 98 and cut["crop_px"] == 32  # quick: R = 32, an 8 x 8 grid
     assert cut["max_abs_diff"] <= 1e-5
+
+
+def test_quick_benchmark_without_baselines_for_the_gpu_table():
+    """--no-baseline (what benchmarks/gpu.sh runs): baseline fields null; evaluate times forward + upsample +
+    argmax + confusion; --train-batch sets the train step's batch; --tf32 is recorded, and the fp32 pseudo line
+    reports the pseudo labels' agreement with TF32 on and off (1.0 on the CPU, which has no TF32)."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
+                          "--no-baseline", "--train-batch", "6", "--tf32", "off",
+                          "--stages", "evaluate", "train", "pseudo27", "extract"],
+                         capture_output=True, text=True, timeout=300, check=True)
+    rows = {r["stage"]: r for r in map(json.loads, out.stdout.splitlines())}
+    for r in rows.values():
+        assert r["img_per_s"] > 0 and r["baseline_img_per_s"] is None and r["speedup"] is None
+        assert r["tf32"] == "off" and "tf32_matmul" in r and "tf32_cudnn" in r
+    assert rows["evaluate"]["measures"] == "forward+upsample+argmax+confusion" and rows["evaluate"]["batch"] == 8
+    assert rows["train"]["batch"] == 6 and rows["train"]["bootstrap"] and rows["train"]["augment_on"] == "cpu"
+    assert rows["pseudo27"]["tf32_label_agreement"] == 1.0
+    assert rows["extract"]["batch"] == 2 and rows["extract"]["crops_per_s"] > 0
+
+
+def test_quick_benchmark_device_jpeg_decode():
+    """load_device_decode: JPEG bytes read by the workers, decoded by torchvision on the bench device and resized
+    to R (antialiased): within a fraction of a uint8 level of the pipeline's PIL images."""
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
+                          "--stages", "load_device_decode"], capture_output=True, text=True, timeout=300, check=True)
+    (row,) = map(json.loads, out.stdout.splitlines())
+    assert row["img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["size"] == 32
+    assert row["mean_abs_diff"] < 1.0

@@ -1,0 +1,168 @@
+"""benchmarks/projection.py (target table, full-run projection, the stage check) on hand-made bench lines, and
+benchmarks/gpu.sh: syntax, a --quick run of two lines, and its loud failures (fake interpreter, no torch)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+import projection  # noqa: E402
+
+CARD = "NVIDIA H100 80GB HBM3"
+ROWS = [
+    {"stage": "pseudo171", "img_per_s": 400.0, "batch": 8, "device": CARD, "tf32": "default",
+     "tf32_label_agreement": 0.95},
+    {"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": CARD},
+    {"stage": "evaluate", "img_per_s": 1200.0, "device": CARD},
+    {"stage": "train", "img_per_s": 2500.0, "batch": 256, "device": CARD},
+    {"stage": "extract", "img_per_s": 40.0, "crops_per_s": 2400.0, "crops_per_image": 60.0, "device": CARD},
+    {"stage": "train", "img_per_s": 1000.0, "batch": 32, "device": CARD},
+    {"stage": "load_pseudo", "img_per_s": 1000.0, "device": CARD},
+    {"stage": "load_extract", "img_per_s": 20.0, "device": CARD},
+    {"stage": "load_train", "img_per_s": 1500.0, "device": CARD},
+    {"stage": "cluster", "img_per_s": 5e6, "seconds": 100.0, "vectors": 5_000_000, "iterations": 100, "dim": 384,
+     "k": 171, "backend": "torch on cuda", "device": CARD},
+    {"stage": "pseudo171", "img_per_s": 700.0, "batch": 8, "device": CARD, "tf32": "on", "tf32_label_agreement": 0.97},
+    {"stage": "pseudo171", "img_per_s": 500.0, "batch": 32, "device": CARD, "tf32": "default",
+     "tf32_label_agreement": 0.96},
+]
+
+
+@pytest.fixture
+def jsonl(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return path
+
+
+def test_projection_arithmetic(jsonl):
+    rows = projection.load_rows(jsonl)
+    p = projection.project(rows, n_train=118_287, n_val=5_000, epochs=200, train_batch=32, niter=100)
+    s = p["seconds"]
+    assert s["extract"] == pytest.approx(118_287 / 20)  # the loader (20 img/s) bounds extract (40)
+    assert p["notes"]["vectors"] == pytest.approx(60 * 118_287)
+    assert s["cluster"] == pytest.approx(100 * 60 * 118_287 / 5_000_000)  # linear in the vectors
+    assert s["pseudo"] == pytest.approx(118_287 / 500)  # fp32 171 concepts at the pipeline's batch 32
+    assert p["notes"]["pseudo_batch"] == 32
+    assert projection.project(rows, pseudo_batch=8)["seconds"]["pseudo"] == pytest.approx(118_287 / 400)
+    assert s["evaluate"] == pytest.approx(5_000 / 1000)  # load_pseudo (1000) bounds evaluate (1200)
+    assert s["train"] == pytest.approx(200 * (118_287 / 1000 + 5_000 / 1000))  # batch 32 line, val each epoch
+    assert p["notes"]["train_batch"] == 32
+    # twice the iterations, twice the k-means time; the train line at batch 256 when asked for it
+    assert projection.project(rows, niter=200)["seconds"]["cluster"] == pytest.approx(2 * s["cluster"])
+    p256 = projection.project(rows, train_batch=256)
+    assert p256["seconds"]["train"] == pytest.approx(200 * (118_287 / 1500 + 5_000 / 1000))  # load_train bounds
+    # a k-means measured at other sizes scales with vectors x dim x centres x iterations
+    small = [r for r in rows if r["stage"] != "cluster"] + [
+        {"stage": "cluster", "img_per_s": 1.0, "seconds": 2.0, "vectors": 20_000, "dim": 64, "k": 16, "iterations": 10}]
+    assert projection.project(small)["seconds"]["cluster"] == pytest.approx(
+        2.0 * (60 * 118_287 / 20_000) * (384 / 64) * (171 / 16) * (100 / 10))
+
+
+def test_projection_line_and_missing_stages(jsonl):
+    rows = projection.load_rows(jsonl)
+    line = projection.projection_line(rows, projection.project(rows))
+    assert line == (f"full COCO-Stuff-171 run on one {CARD}: extract 1.64 h, cluster 2.4 min, pseudo 3.9 min, "
+                    f"train 6.85 h (200 epochs), evaluate 0.1 min")
+    only = [r for r in rows if r["stage"] == "pseudo171" and r["batch"] == 8]
+    line = projection.projection_line(only, projection.project(only))
+    assert line.endswith("extract n/a, cluster n/a, pseudo 4.9 min, train n/a (200 epochs), evaluate n/a")
+
+
+def test_target_table_statuses(jsonl):
+    table = {line: (value, target, status) for line, value, target, status in
+             projection.target_table(projection.load_rows(jsonl))}
+    assert table["pseudo masks fp32, 27 concepts"][2] == "missing"
+    assert table["pseudo masks fp32, 171 concepts"] == (400.0, ">= 300", "ok")
+    assert table["pseudo masks bf16, 171 concepts"] == (900.0, ">= 800", "ok")
+    # the --tf32 on line has its own row; the fp32 line and the projection use the default one
+    assert table["pseudo masks fp32 + TF32 (--tf32 on), 171"] == (700.0, ">= 300", "ok")
+    assert table["pseudo fp32 171: labels same with TF32 on"] == (0.95, ">= 0.9", "ok")
+    assert table["pseudo masks fp32, 171, batch 32 (pipeline)"] == (500.0, ">= 300", "ok")
+    assert table["train step, bootstrap + device augment, b256"] == (2500.0, ">= 2,000", "ok")
+    assert table["k-means 5M x 384 -> 171, 100 iterations (s)"] == (100.0, "<= 120", "ok")
+    assert table["extract crops"] == (2400.0, ">= 2,000", "ok")
+    assert table["load extract (JPEG -> 2R) >= extract"] == (20.0, ">= 40", "BELOW")
+    assert table["load train (JPEG + HDF5 maps) >= train"] == (1500.0, ">= 2,500", "BELOW")  # fastest train line
+    assert table["load pseudo/evaluate (JPEG -> R) >= them"] == (1000.0, ">= 1,200", "BELOW")
+
+
+def test_check_rejects_missing_nan_and_zero_rates():
+    assert projection.check(ROWS, "cluster") is None and projection.check(ROWS, "extract") is None
+    assert projection.check([{"stage": "pseudo171", "img_per_s": 5.0, "tf32": "on"}], "pseudo171") is None
+    assert "no JSON line" in projection.check(ROWS, "pseudo27")
+    assert "img_per_s=nan" in projection.check([{"stage": "evaluate", "img_per_s": math.nan}], "evaluate")
+    assert "img_per_s=0" in projection.check([{"stage": "evaluate", "img_per_s": 0}], "evaluate")
+    assert "crops_per_s" in projection.check([{"stage": "extract", "img_per_s": 3.0, "crops_per_s": 0.0}], "extract")
+
+
+def test_cli_report_and_check(jsonl):
+    run = lambda *a: subprocess.run([sys.executable, str(REPO / "benchmarks" / "projection.py"), str(jsonl), *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    out = run("--train-batch", "32")
+    assert out.returncode == 0 and out.stdout.splitlines()[-3].startswith(f"full COCO-Stuff-171 run on one {CARD}")
+    assert "118,287 train / 5,000 val" in out.stdout
+    assert run("--check", "cluster").returncode == 0
+    bad = run("--check", "pseudo27")
+    assert bad.returncode == 1 and "FAILED: no JSON line for stage pseudo27" in bad.stderr
+
+
+GPU_SH = REPO / "benchmarks" / "gpu.sh"
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def test_gpu_sh_syntax():
+    subprocess.run(["bash", "-n", str(GPU_SH)], check=True)
+
+
+def test_gpu_sh_quick_two_lines(tmp_path):
+    """The --quick path end to end on two lines: JSON lines, log, per-line times and the final table."""
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
+                         timeout=300, env=_env(PYTHON=sys.executable, GPU_SH_ONLY="pseudo27 cluster"))
+    assert out.returncode == 0, out.stderr
+    rows = projection.load_rows(tmp_path / "out" / "bench.jsonl")
+    assert [r["stage"] for r in rows] == ["pseudo27", "cluster"]
+    assert all(r["baseline_img_per_s"] is None for r in rows)  # --no-baseline
+    assert (tmp_path / "out" / "log").read_text().count("## pseudo27") >= 2
+    assert "full COCO-Stuff-171 run on one cpu" in out.stdout
+    assert (tmp_path / "out" / "table.txt").read_text() in out.stdout
+
+
+@pytest.mark.parametrize("fake, message", [
+    ('echo boom >&2; exit 3', "FAILED: pseudo171_bf16 (bench.py stage pseudo171_bf16 exited non-zero"),
+    ('echo \'{"stage": "pseudo171_bf16", "img_per_s": NaN}\'', "FAILED: pseudo171_bf16 (stage pseudo171_bf16: no finite"),
+])
+def test_gpu_sh_fails_loudly_with_the_stage_name(tmp_path, fake, message):
+    """A bench.py that errors, or prints a NaN rate, stops the script with the line's name (exit 1)."""
+    py = tmp_path / "fakepython"
+    py.write_text(f'#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then {fake}; '
+                  f'else exec {sys.executable} "$@"; fi\n')
+    py.chmod(0o755)
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
+                         timeout=120, env=_env(PYTHON=str(py)))
+    assert out.returncode == 1 and message in out.stderr
+    # nothing measured: no table; a NaN line is kept in bench.jsonl and the table shows it as missing
+    assert ("full COCO-Stuff-171" in out.stdout) == ("NaN" in fake)
+
+
+def test_gpu_sh_failure_after_a_line_still_prints_its_table(tmp_path):
+    """A line that fails after others succeeded: the table of what was measured, then FAILED with the name."""
+    py = tmp_path / "fakepython"
+    py.write_text('#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then\n'
+                  '  if [[ " $* " == *" pseudo171_bf16 "* ]]; then\n'
+                  '    echo \'{"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": "fake card"}\'\n'
+                  f'  else exit 3; fi\nelse exec {sys.executable} "$@"; fi\n')
+    py.chmod(0o755)
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120, env=_env(PYTHON=str(py)))
+    assert out.returncode == 1 and "FAILED: pseudo27_bf16 (bench.py stage pseudo27_bf16" in out.stderr
+    assert "full COCO-Stuff-171 run on one fake card" in out.stdout
+    assert "900.0" in (tmp_path / "out" / "table.txt").read_text()
