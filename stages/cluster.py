@@ -18,10 +18,7 @@ def main():
         for group, k in (("thing", task.n_things), ("stuff", task.n_stuff)):
             if k == 0:
                 continue
-            try:
-                x = read_features(FEATURE_BANK, group)
-            except (FileNotFoundError, ValueError) as e:
-                raise SystemExit(str(e)) from None
+            x = read_features(FEATURE_BANK, group)  # a missing file or group: one line (BadInput, stage_main)
             log.info("k-means of %d %s vectors (dim %d) into %d centres, %d iterations, %s", len(x), group,
                      x.shape[1], k, int(cfg["niter"]), describe_backend(backend))
             parts.append(kmeans(x, k, int(cfg["niter"]), seed, backend=backend, name=f"{group} crops",

@@ -112,10 +112,7 @@ def main():
     dev = device()
     backbone = backbone_of(params, dev)
     index = read_json(INDEX)
-    try:
-        check_pseudo_masks(PSEUDO_MASKS, task.n_concepts, task.granularity)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    check_pseudo_masks(PSEUDO_MASKS, task.n_concepts, task.granularity)  # BadInput: one line (stage_main)
     train_data = SplitDataset(index, "train", R, maps=PseudoMaskReader(PSEUDO_MASKS))
     val_loader = None
     if cfg["select_by"] not in ("val", "last"):
@@ -137,10 +134,7 @@ def main():
              "%d), %s, %s", len(train_data), R, R // 2, task.n_outputs, tc.epochs, tc.batch_size,
              tc.batch_size // dist.world_size(), dist.world_size(), tc.precision,
              "model kept by val mIoU + accuracy" if val_loader is not None else "last epoch kept")
-    try:
-        sampler = GlobalBatchSampler(len(train_data), tc.batch_size, seed)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+    sampler = GlobalBatchSampler(len(train_data), tc.batch_size, seed)
     workers = workers_of(params, "train")
     train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
                                                pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
