@@ -1,11 +1,8 @@
 """The dataset is part of the DAG: through real `dvc repro` in a temporary git repository, on an image folder with
 labels and classes.yaml, adding an image or editing classes.yaml re-runs what depends on them, and touching
 nothing re-runs nothing but `prepare` (which re-reads the dataset on every repro and writes the same index)."""
-import copy
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +10,8 @@ import pytest
 import yaml
 
 import dataset_trees as trees
-from tiny_project import merge  # noqa: E402
+from tiny_project import copy_project, default_params
+from tiny_project import run as run_in_project
 
 REPO = Path(__file__).resolve().parent.parent
 AFTER_PREPARE = {"extract", "cluster", "pseudo", "train", "evaluate"}
@@ -25,13 +23,7 @@ TINY = {"granularity": 4,
 
 
 def run(args, cwd, check=True):
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
-               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    if check:
-        assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
+    return run_in_project(args, cwd, check, OMP_NUM_THREADS="1")
 
 
 def repro(root) -> set:
@@ -42,13 +34,8 @@ def repro(root) -> set:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking")
-    for name in ("stages", "transfgu"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "data" / "lists", root / "data" / "lists")
+    copy_project(root, default_params(TINY), dvc=True)
     trees.make_folder(root / "data" / "folder")
-    params = merge(copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text())), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (root / ".gitignore").write_text("/data/folder/\n__pycache__/\n")
     run(["git", "init", "-q"], root)
     run([sys.executable, "-m", "dvc", "init", "-q"], root)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "stages"))
 from checks import SCHEMA, check_index, check_params  # noqa: E402
 
 from transfgu.errors import BadInput, InputValueError  # noqa: E402
-from tiny_project import merge  # noqa: E402
+from tiny_project import copy_project, default_params  # noqa: E402
 
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 
@@ -121,9 +121,7 @@ TINY = {"dataset": {"R": 32, "synthetic": {"n_train": 8, "n_val": 4, "size": 64}
 def prepared_base(tmp_path_factory):
     """A tiny synthetic project after `prepare`, made once; each test works on a copy."""
     root = tmp_path_factory.mktemp("inputs") / "project"
-    for name in ("stages", "transfgu"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (root / "params.yaml").write_text(yaml.safe_dump(merge(copy.deepcopy(DEFAULT), TINY), sort_keys=False))
+    copy_project(root, default_params(TINY))
     proc = stage(root, "prepare")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny_project import merge
+from tiny_project import copy_project, default_params
+from tiny_project import run as run_in_project
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,11 +25,7 @@ TINY = {
 
 
 def run(args, cwd):
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    proc = run_in_project(args, cwd)
     return proc.stdout + proc.stderr
 
 
@@ -43,12 +40,7 @@ def ran_stages(output: str) -> set:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    for name in ("stages", "transfgu"):
-        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "data" / "lists", root / "data" / "lists")  # prepare depends on the shipped lists
-    params = merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_project(root, default_params(TINY), dvc=True)  # dvc.yaml and the shipped lists prepare depends on
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
     run(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)

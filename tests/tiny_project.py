@@ -3,7 +3,10 @@ code (and, for DVC, dvc.yaml and the shipped lists) copied into a temporary fold
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -37,3 +40,15 @@ def copy_project(root: Path, params: dict | None = None, dvc: bool = False, code
     if params is not None:
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
+
+
+def run(args, cwd, check: bool = True, **env) -> subprocess.CompletedProcess:
+    """A command in a temporary project, with this environment's python (and dvc) first on PATH, a git identity and
+    no DVC analytics (`env` adds variables); asserts success unless check is False."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+               DVC_NO_ANALYTICS="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t", **env)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
