@@ -21,7 +21,9 @@
 #      summary.json (one JSON line, also printed last) and pretrain_gpu.log (everything printed).
 # Environment: PYTHON (default python3), PRETRAIN_SECONDS, PRETRAIN_BATCH (default 256; smaller batches give more
 # steps per second where the GPU is bound by kernel launches), PRETRAIN_EXTRA (more `transfgu pretrain` options,
-# e.g. "--compile"), WORK (scratch folder; default a new temporary one, removed at the end unless KEEP_WORK=1).
+# e.g. "--compile"), WORK (scratch folder; default a new temporary one, removed at the end unless KEEP_WORK=1),
+# PIPELINE=0 (stop after step 3: pretrain only, e.g. several recipes side by side on one GPU, the pipeline then run
+# on another machine with the teacher file).
 set -euo pipefail
 
 usage() { echo "usage: bash benchmarks/pretrain_gpu.sh OUTDIR [--quick]" >&2; exit 2; }
@@ -122,7 +124,9 @@ mb = os.path.getsize('$TEACHER') / 2 ** 20
 print(f'teacher file {mb:.2f} MB')
 sys.exit(0 if mb <= 20 else 'the teacher file is over 20 MB')"
 
-for G in 6 12; do
+GRANULARITIES=(6 12)
+[[ ${PIPELINE:-1} == 0 ]] && GRANULARITIES=()
+for G in ${GRANULARITIES[@]+"${GRANULARITIES[@]}"}; do
     stamp "4. default pipeline at granularity $G with the new teacher"
     "$PY" - "$G" "$WORK/$TEACHER" "$PIPE" <<'EOF'
 import json, sys
@@ -151,15 +155,16 @@ done
 unset TRANSFGU_PARAMS
 
 stamp "5. summary"
-"$PY" - "$OUTDIR" "$(( $(date +%s) - T0 ))" "$QUICK" <<'EOF'
+"$PY" - "$OUTDIR" "$(( $(date +%s) - T0 ))" "$QUICK" "${GRANULARITIES[*]+${GRANULARITIES[*]}}" <<'EOF'
 import json, sys
 from pathlib import Path
 out, wall, quick = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+granularities = [int(g) for g in sys.argv[4].split()]
 pre = json.loads((out / "dino_vit_mini8_synthetic.pth.summary.json").read_text())
 s = {"quick": quick, "wall_s": wall, "pretrain": {k: pre[k] for k in (
     "steps_planned", "steps_done", "completed", "stopped_by", "images", "batch_size", "images_per_s", "loss_first",
     "loss_last", "train_s", "teacher_mb", "device", "amp", "compile")}}
-for g in (6, 12):
+for g in granularities:
     m = json.loads((out / f"g{g}" / "metrics.json").read_text())
     p = json.loads((out / f"g{g}" / "pseudo_metrics.json").read_text())
     s[f"g{g}"] = {k: round(v, 2) for k, v in {**m, **p}.items() if k in (
