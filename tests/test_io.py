@@ -112,3 +112,32 @@ def test_atomic_output_removes_the_temporary_files_of_dead_processes(tmp_path):
     with atomic_output(tmp_path / "out.txt", durable=True) as tmp:
         tmp.write_text("done")
     assert (tmp_path / "out.txt").read_text() == "done" and not stale.exists() and live.exists()
+
+
+def test_loader_ships_the_stored_parts_and_maps_on_assembles_them(tmp_path):
+    """The train loader's workers return the stored parts (float16 gradient, float32 attention) and the batch
+    is assembled where it is used: the same float32 maps as assembling each image on the host, by hand."""
+    import torch
+
+    from transfgu.pseudo import maps_on
+    from transfgu.pseudo_store import PseudoMaskReader, write_pseudo_masks
+
+    rng = np.random.default_rng(3)
+    n, K, h = 6, 5, 4
+    att = rng.random((n, h, h)).astype(np.float32)
+    grad = gradient_like(rng, n, K, h)
+    write_piece(tmp_path / piece_name(0), {"attention": att, "gradient": grad})
+    write_pseudo_masks(tmp_path / "p.h5", [tmp_path / piece_name(0)], [str(i) for i in range(n)], R=32,
+                       n_things=2, n_stuff=3, grad_scale=1.0)
+    reader = PseudoMaskReader(tmp_path / "p.h5")
+    item = reader[2]
+    assert item["gradient"].dtype == torch.float16 and item["gradient"].shape == (K, h, h)
+    assert item["attention"].dtype == torch.float32 and item["attention"].shape == (h, h)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(reader, range(n)), batch_size=4, num_workers=2)
+    maps = torch.cat([maps_on(b, torch.device("cpu")) for b in loader])
+    g32 = grad.astype(np.float32)
+    expected = np.where(g32 >= 0, att[:, None] + g32, 0.0).astype(np.float32)  # P_k = a + q_k where q_k >= 0
+    assert maps.dtype == torch.float32 and maps.shape == (n, K, h, h)
+    np.testing.assert_array_equal(maps.numpy(), expected)
+    plain = torch.from_numpy(expected)
+    assert torch.equal(maps_on(plain, torch.device("cpu")), plain)  # assembled maps pass through

@@ -80,6 +80,16 @@ def assemble_pseudo_masks(a: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(q >= 0, a[:, None] + q, torch.zeros_like(q))
 
 
+def maps_on(maps, device) -> torch.Tensor:
+    """A batch of pseudo maps (B, K, h, w) float32 on `device`: a tensor is moved; the stored parts
+    {"attention": (B, h, w), "gradient": (B, K, h, w) float16} (a collated `PseudoMaskReader` batch) are moved
+    and assembled there. Elementwise, so the values are those of assembling on the host."""
+    if isinstance(maps, torch.Tensor):
+        return maps.to(device)
+    return assemble_pseudo_masks(maps["attention"].to(device, non_blocking=True),
+                                 maps["gradient"].to(device, non_blocking=True))
+
+
 def pseudo_masks(backbone, images: torch.Tensor, centroids: torch.Tensor, grad_scale: float = 1.0,
                  mass: float = 0.8, precision: str = "fp32") -> torch.Tensor:
     """Pseudo maps (B, K, h, w) for normalised images (B, 3, R, R) and concept centres (K, D):

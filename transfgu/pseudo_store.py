@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
-import numpy as np
 import torch
 
 from .errors import InputFileNotFound, InputValueError
@@ -40,11 +39,16 @@ def write_pseudo_masks(path: str | Path, piece_paths, image_ids, R: int, n_thing
     return gathered
 
 
+def read_pseudo_parts(h5: h5py.File, i: int) -> dict:
+    """Image i's stored parts: attention (h, w) float32 and the gradient term (K, h, w) float16, as stored (half
+    the bytes of the assembled float32 maps; `transfgu.pseudo.maps_on` assembles a batch of them on the device)."""
+    return {"attention": torch.from_numpy(h5["attention"][i]), "gradient": torch.from_numpy(h5["gradient"][i])}
+
+
 def read_pseudo_masks(h5: h5py.File, i: int) -> torch.Tensor:
     """Image i's pseudo maps (K, h, w) float32 from an open pseudo-mask file."""
-    a = torch.from_numpy(h5["attention"][i][None])
-    q = torch.from_numpy(h5["gradient"][i][None].astype(np.float32))
-    return assemble_pseudo_masks(a, q)[0]
+    parts = read_pseudo_parts(h5, i)
+    return assemble_pseudo_masks(parts["attention"][None], parts["gradient"][None])[0]
 
 
 def check_pseudo_masks(path: str | Path, n_concepts: int, granularity: int) -> None:
@@ -60,15 +64,17 @@ def check_pseudo_masks(path: str | Path, n_concepts: int, granularity: int) -> N
 
 
 class PseudoMaskReader:
-    """Per-image reads of a pseudo-mask file, opened lazily: one handle per DataLoader worker process."""
+    """Per-image reads of a pseudo-mask file, opened lazily: one handle per DataLoader worker process. An item
+    is the image's stored parts (`read_pseudo_parts`), not the assembled maps: the loader then decompresses
+    only, and moves half the bytes; `transfgu.pseudo.maps_on` assembles the batch where it is used."""
 
     def __init__(self, path: str | Path):
         self.path, self._h5 = Path(path), None
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> dict:
         if self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
-        return read_pseudo_masks(self._h5, i)
+        return read_pseudo_parts(self._h5, i)
 
     def __getstate__(self):  # a DataLoader worker opens its own handle
         return {"path": self.path, "_h5": None}
