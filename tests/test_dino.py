@@ -312,3 +312,28 @@ def test_stages_pretrain_is_the_same_command(tmp_path):
                         entry=(str(REPO / "stages" / "pretrain.py"),))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d_teacher.pth").is_file()
+
+
+def test_clip_each_equals_clip_grad_norm_per_parameter():
+    """The fused per-parameter clipping gives what one torch clip_grad_norm_ per parameter gives (DINO's rule):
+    large gradients scaled to the limit, small ones untouched, parameters without a gradient skipped."""
+    from transfgu.optim import clip_each_
+
+    gen = torch.Generator().manual_seed(0)
+    shapes, scales = [(3, 4), (7,), (2, 2, 3), (5,)], [10.0, 0.01, 3.0, 1.0]
+    fused = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    loop = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    for a, b, s in zip(fused, loop, scales):
+        g = torch.randn(a.shape, generator=gen) * s
+        a.grad, b.grad = g.clone(), g.clone()
+    fused[3].grad = loop[3].grad = None
+    small = fused[1].grad.clone()
+    clip_each_(fused, 3.0)
+    for p in loop:
+        if p.grad is not None:
+            torch.nn.utils.clip_grad_norm_(p, 3.0)
+    for a, b in zip(fused[:3], loop[:3]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+    assert fused[3].grad is None
+    assert torch.equal(fused[1].grad, small)  # norm below the limit: unchanged
+    assert abs(fused[0].grad.norm().item() - 3.0) < 1e-4  # above: scaled to the limit

@@ -12,6 +12,18 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 GRAY_WEIGHTS = (0.299, 0.587, 0.114)
+_GRAY = {}  # (device, dtype) -> the weights as a (1, 3, 1, 1) tensor there, made once
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a stream synchronisation. A plain `.to("cuda")` of pageable memory
+    makes the host wait until the GPU has run everything queued before it; the augmentations draw their random
+    numbers on the host, so each step made dozens of such waits. On CUDA the tensor goes through pinned memory,
+    asynchronously; elsewhere it is moved as usual. The values are the same either way."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
@@ -45,8 +57,10 @@ def draw_params(seed: int, epoch: int, indices, size: int, jitter=(0.8, 0.8, 0.8
 
 
 def grayscale(img: torch.Tensor) -> torch.Tensor:
-    w = img.new_tensor(GRAY_WEIGHTS).view(1, 3, 1, 1)
-    return (img * w).sum(1, keepdim=True)
+    key = (img.device, img.dtype)
+    if key not in _GRAY:  # a copy from a Python list per call would wait for the GPU each time
+        _GRAY[key] = torch.tensor(GRAY_WEIGHTS, dtype=img.dtype).view(1, 3, 1, 1).to(img.device)
+    return (img * _GRAY[key]).sum(1, keepdim=True)
 
 
 def rgb_to_hsv(img: torch.Tensor) -> torch.Tensor:
@@ -70,7 +84,7 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
 def color_jitter(img: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast, saturation (multiplicative factors) and hue shift (fraction of a turn),
     one set per image, applied in that order to RGB in [0, 1]."""
-    f = factors.to(img.device).view(-1, 4, 1, 1, 1).unbind(1)
+    f = to_device(factors, img.device).view(-1, 4, 1, 1, 1).unbind(1)
     img = (img * f[0]).clamp(0, 1)
     mean = grayscale(img).mean((1, 2, 3), keepdim=True)
     img = (f[1] * img + (1 - f[1]) * mean).clamp(0, 1)
@@ -83,8 +97,8 @@ def color_jitter(img: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 def gaussian_blur3(img: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """3x3 Gaussian blur with one sigma per image (reflect padding)."""
     B, C, H, W = img.shape
-    x = torch.tensor([-1.0, 0.0, 1.0], device=img.device)
-    k1 = torch.exp(-(x[None] ** 2) / (2 * sigma.to(img.device)[:, None] ** 2))
+    x = torch.arange(-1.0, 2.0, device=img.device)  # -1, 0, 1, made on the device
+    k1 = torch.exp(-(x[None] ** 2) / (2 * to_device(sigma, img.device)[:, None] ** 2))
     k1 = k1 / k1.sum(1, keepdim=True)
     k2 = (k1[:, :, None] * k1[:, None, :]).to(img.dtype)  # (B, 3, 3)
     weight = k2.repeat_interleave(C, 0)[:, None]
@@ -97,7 +111,7 @@ def augment(images: torch.Tensor, maps: torch.Tensor, params: AugmentParams, out
     same crop of the maps (B, K, map_size, map_size) via roi_align."""
     dev = images.device
     B, _, R, _ = images.shape
-    sel = lambda m: m.to(dev).view(-1, 1, 1, 1)  # noqa: E731
+    sel = lambda m: to_device(m, dev).view(-1, 1, 1, 1)  # noqa: E731
     if params.jitter.any():
         images = torch.where(sel(params.jitter), color_jitter(images, params.factors), images)
     if params.gray.any():
@@ -105,12 +119,12 @@ def augment(images: torch.Tensor, maps: torch.Tensor, params: AugmentParams, out
     if params.blur.any():
         images = torch.where(sel(params.blur), gaussian_blur3(images, params.sigma), images)
     idx = torch.arange(B, dtype=images.dtype, device=dev)[:, None]
-    box = params.box.to(dev, images.dtype)
+    box = to_device(params.box, dev).to(images.dtype)
     images = roi_align(images, torch.cat([idx, box], 1), (out_size, out_size), 1.0, sampling_ratio=1, aligned=True)
     scale = maps.shape[-1] / R
     maps = roi_align(maps, torch.cat([idx.to(maps.dtype), box.to(maps.dtype)], 1), (map_size, map_size), scale,
                      sampling_ratio=0, aligned=True)
-    flip = params.flip.to(dev)
+    flip = to_device(params.flip, dev)
     images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
     maps = torch.where(flip.view(-1, 1, 1, 1), maps.flip(-1), maps)
     return images, maps

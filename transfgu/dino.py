@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from . import dist
-from .augment import color_jitter, gaussian_blur3, grayscale
+from .augment import color_jitter, gaussian_blur3, grayscale, to_device
 from .io import atomic_output
 from .models.vit import DinoViT
-from .optim import decay_groups
+from .optim import clip_each_, decay_groups
 
 
 # -- projection head --------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class MultiCrop:
         """Box i of image i resampled to (size, size), bilinear, with ceil(box / size) samples per output
         pixel and axis (roi_align's adaptive sampling, which averages when shrinking)."""
         idx = torch.arange(len(boxes), dtype=boxes.dtype)[:, None]
-        rois = torch.cat([idx, boxes], 1).to(images.device, images.dtype)
+        rois = to_device(torch.cat([idx, boxes], 1).to(images.dtype), images.device)
         return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
 
     def photometric(self, img: torch.Tensor, generator: torch.Generator, p_blur: float,
@@ -172,18 +172,23 @@ class MultiCrop:
         flip, jitter, gray = u[:, 0] < 0.5, u[:, 5] < self.p_jitter, u[:, 6] < self.p_gray
         blur, solar = u[:, 8] < p_blur, u[:, 9] < p_solarize
 
-        def where(mask, new, old):
-            return torch.where(mask.to(dev).view(-1, 1, 1, 1), new, old)
+        # one host -> device copy for all of this call's random values (each copy of its own would wait for the GPU)
+        on_dev = to_device(torch.cat([factors, sigma[:, None], torch.stack([flip, jitter, gray, blur, solar], 1)
+                                      .to(factors.dtype)], 1), dev)
+        factors_d, sigma_d, masks_d = on_dev[:, :4], on_dev[:, 4], on_dev[:, 5:].bool()
 
-        img = where(flip, img.flip(-1), img)
+        def where(j, new, old):  # j: column of masks_d (0 flip, 1 jitter, 2 gray, 3 blur, 4 solarize)
+            return torch.where(masks_d[:, j].view(-1, 1, 1, 1), new, old)
+
+        img = where(0, img.flip(-1), img)
         if jitter.any():
-            img = where(jitter, color_jitter(img, factors), img)
+            img = where(1, color_jitter(img, factors_d), img)
         if gray.any():
-            img = where(gray, grayscale(img).expand_as(img), img)
+            img = where(2, grayscale(img).expand_as(img), img)
         if blur.any():
-            img = where(blur, gaussian_blur3(img, sigma), img)
+            img = where(3, gaussian_blur3(img, sigma_d), img)
         if solar.any():
-            img = where(solar, solarize(img), img)
+            img = where(4, solarize(img), img)
         return img.clamp_(0, 1)  # resampling and blur are convex but round: 1 + 1e-7 happens
 
 
@@ -330,8 +335,6 @@ class DINOTrainer:
                 teacher_out = self.embed(self.teacher, views[:2], self.forward.get(id(self.teacher)))
             student_out = self.embed(self.student, views, self.forward.get(id(self.student)))
         loss = self.loss_fn(student_out.float(), teacher_out.float(), epoch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"DINO loss is {loss.item()} at step {step}, stopping")
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -339,13 +342,16 @@ class DINOTrainer:
             for p in self.student["head"].last_layer.parameters():
                 p.grad = None
         if self.clip_grad:
-            for p in self.student.parameters():
-                if p.grad is not None:
-                    torch.nn.utils.clip_grad_norm_(p, self.clip_grad)
+            clip_each_(self.student.parameters(), self.clip_grad)
         self.optimizer.step()
         self.update_teacher(m)
 
-        row = {"step": step, "epoch": epoch, "loss": loss.item(), "lr": lr, "weight_decay": wd,
+        # the step's one read-back, at its end: a check before the backward would make the host wait for the
+        # forward before queueing the rest. A non-finite loss stops the run before anything is saved.
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"DINO loss is {value} at step {step}, stopping")
+        row = {"step": step, "epoch": epoch, "loss": value, "lr": lr, "weight_decay": wd,
                "momentum": m, "teacher_temp": self.loss_fn.teacher_temp_at(epoch)}
         self.history.append(row)
         return row["loss"]

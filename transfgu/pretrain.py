@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment import to_device
 from .data.images import ImageFiles, collect_images
 from .dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint
 from .errors import BadInput, InputValueError
@@ -173,7 +174,7 @@ class Images:
     def batches(self, index_batches):
         if self.memory is not None:
             for idx in index_batches:
-                yield self.memory[idx.to(self.device)].float().div_(255)
+                yield self.memory[to_device(idx, self.device)].float().div_(255)
             return
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=index_batches, num_workers=self.num_workers,
                                              pin_memory=self.device.type == "cuda")

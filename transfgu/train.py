@@ -15,11 +15,12 @@ import torch
 from . import dist, faults
 from .dist import progress
 from .io import atomic_output
-from .augment import augment, draw_params
+from .augment import augment, draw_params, to_device
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
 from .metrics import segmentation_scores
 from .optim import decay_groups
 from .precision import autocast
+from .pseudo import maps_on
 from .segmenter import Segmenter, encode
 
 log = logging.getLogger(__name__)
@@ -218,12 +219,12 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
         sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
         n_batches = 0
         for batch in progress(train_loader, desc=f"train epoch {epoch}", leave=False):
-            images = batch["image"].to(device).float() / 255
-            maps = batch["maps"].to(device)
+            images = to_device(batch["image"], device).float() / 255
+            maps = maps_on(batch["maps"], device)
             R = images.shape[-1]
             params = draw_params(cfg.seed, epoch, batch["index"].tolist(), R)
             images, maps = augment(images, maps, params, R // 2, R // (2 * p))
-            perm = torch.randperm(maps.shape[1] + int(things_only), generator=perm_gen).to(device) \
+            perm = to_device(torch.randperm(maps.shape[1] + int(things_only), generator=perm_gen), device) \
                 if plan.bootstrapping else None
             losses = train_step(backbone, student, teacher if plan.bootstrapping else None, optimizer, images, maps,
                                 cfg, things_only, plan.alpha, perm)
