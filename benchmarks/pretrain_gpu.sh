@@ -4,23 +4,26 @@
 #   bash benchmarks/pretrain_gpu.sh OUTDIR [--quick]
 #
 # Run from anywhere (it finds the repository from its own path); needs python3 (or $PYTHON) with torch, timm,
-# h5py, pyyaml, pillow, scipy, scikit-learn; no dvc, dvclive, faiss, network or install. On one H100: about
-# 5-6 minutes (give the call a timeout of 9 minutes); --quick: tiny sizes, 2-3 minutes on a 2-core CPU.
+# h5py, pyyaml, pillow, scipy, scikit-learn; no dvc, dvclive, faiss, network or install. On one H100 or H200:
+# about 6-7 minutes (give the call a timeout of 9 minutes); --quick: tiny sizes, 2-3 minutes on a 2-core CPU.
+# Run one recipe at a time: two pretraining processes on one GPU each ran at under a third of the speed of one
+# alone (H200, docs/experiments.md).
 #   1. generates the pretraining scenes with the synthetic generator under seeds 101.. (the pipeline's own set
-#      is seed 0): 8 x 600 = 4,800 scenes of 128 px (--quick: 2 x 24 of 64 px), in parallel;
-#   2. measures the pretraining throughput in a 40-step probe and sizes the run in steps to fill
-#      PRETRAIN_SECONDS (default 170 s; at least 2,000 and at most 20,000 steps); `--minutes` is only the
-#      safety stop (the lr / momentum schedules are planned over the steps);
-#   3. `transfgu pretrain` (vit_mini, patch 8, 64 px global / 32 px local crops, batch 256, bf16, images kept
-#      on the GPU), writing the checkpoint and the teacher-backbone-only file to ship;
+#      is seed 0): 16 x 1,000 = 16,000 scenes of 128 px (--quick: 2 x 24 of 64 px), in parallel;
+#   2. measures the pretraining throughput in a 30-step probe and sizes the run in steps to fill
+#      PRETRAIN_SECONDS (default 200 s; at least 300 and at most 20,000 steps, so that the lr / momentum
+#      schedules, planned over the steps, run to their end); `--minutes` is only the safety stop;
+#   3. `transfgu pretrain` (vit_mini, patch 8, 64 px global / 32 px local crops, batch 1,024 at lr 2e-3 (DINO's
+#      0.0005 x batch / 256), bf16, images kept on the GPU), writing the checkpoint and the teacher-backbone-only
+#      file to ship;
 #   4. the default pipeline (python stages/launch.py prepare ... evaluate, no dvc) with backbone.checkpoint =
 #      the new teacher, at granularity 6 and 12, in a scratch copy of the code (the repository's outputs/ and
 #      data/ are not touched);
 #   5. copies into OUTDIR: the checkpoint and the teacher file, the loss curve and pretraining summary, each
 #      granularity's metrics.json, pseudo_metrics.json, per_class_iou.csv and train_log.csv, the params files,
 #      summary.json (one JSON line, also printed last) and pretrain_gpu.log (everything printed).
-# Environment: PYTHON (default python3), PRETRAIN_SECONDS, PRETRAIN_BATCH (default 256; smaller batches give more
-# steps per second where the GPU is bound by kernel launches), PRETRAIN_EXTRA (more `transfgu pretrain` options,
+# Environment: PYTHON (default python3), PRETRAIN_SECONDS, PRETRAIN_BATCH (default 1024) and PRETRAIN_LR (default
+# 0.0005 x batch / 256), PRETRAIN_EXTRA (more `transfgu pretrain` options,
 # e.g. "--compile"), WORK (scratch folder; default a new temporary one, removed at the end unless KEEP_WORK=1),
 # PIPELINE=0 (stop after step 3: pretrain only, e.g. several recipes side by side on one GPU, the pipeline then run
 # on another machine with the teacher file).
@@ -57,14 +60,15 @@ if [[ $QUICK == 1 ]]; then
     PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-20}; MIN_STEPS=20; MAX_STEPS=60; PROBE=5
     PIPE='{"n_train": 40, "n_val": 16, "epochs": 2}'
 else
-    SETS=8; PER_SET=600; SCENE=128
-    PRE=(--image-size 128 --global-size 64 --local-size 32 --n-local 4 --batch-size "${PRETRAIN_BATCH:-256}" --out-dim 1024
-         --hidden-dim 1024 --bottleneck-dim 256 --amp)
-    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-170}; MIN_STEPS=2000; MAX_STEPS=20000; PROBE=40
+    SETS=16; PER_SET=1000; SCENE=128
+    BATCH=${PRETRAIN_BATCH:-1024}
+    PRE=(--image-size 128 --global-size 64 --local-size 32 --n-local 4 --batch-size "$BATCH" --out-dim 1024
+         --hidden-dim 1024 --bottleneck-dim 256 --amp --lr "${PRETRAIN_LR:-$("$PY" -c "print(5e-4 * $BATCH / 256)")}")
+    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-200}; MIN_STEPS=300; MAX_STEPS=20000; PROBE=30
     PIPE='{}'
 fi
 read -r -a EXTRA <<<"${PRETRAIN_EXTRA:-}"
-COMMON=(--arch vit_mini --patch-size 8 "${PRE[@]}" --lr 5e-4 --min-lr 1e-6 --momentum-teacher 0.996
+COMMON=(--arch vit_mini --patch-size 8 --lr 5e-4 "${PRE[@]}" --min-lr 1e-6 --momentum-teacher 0.996
         --seed 0 --preload --num-workers 8 --no-progress ${EXTRA[@]+"${EXTRA[@]}"})
 
 stamp "repository $REPO, scratch $WORK, output $OUTDIR, quick=$QUICK"
@@ -90,7 +94,7 @@ from multiprocessing import Pool
 from transfgu.data.synthetic import write_synthetic_dataset
 sets, per, size = map(int, sys.argv[1:])
 jobs = [(f"pretrain_data/set{s}", per, 0, size, s) for s in range(101, 101 + sets)]
-with Pool(min(sets, 8)) as pool:
+with Pool(min(sets, 16)) as pool:
     pool.starmap(write_synthetic_dataset, jobs)
 EOF
 IMAGES=(pretrain_data/set*/images/train)
