@@ -29,6 +29,8 @@ PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 JSONL="$OUT/bench.jsonl"
 LOG="$OUT/log"
+LINES_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_sh.XXXXXX")  # one JSON file per line; OUTDIR keeps only its 3 files
+trap 'rm -rf "$LINES_DIR"' EXIT
 : >"$JSONL"
 : >"$LOG"
 
@@ -85,13 +87,13 @@ for entry in "${LINES[@]}"; do
     t0=$(date +%s.%N)
     echo "## $name: bench.py ${COMMON[*]} $args" >>"$LOG"
     # shellcheck disable=SC2086
-    if ! timeout "$limit" "$PY" benchmarks/bench.py "${COMMON[@]}" $args >"$OUT/$name.json" 2>>"$LOG"; then
+    if ! timeout "$limit" "$PY" benchmarks/bench.py "${COMMON[@]}" $args >"$LINES_DIR/$name.json" 2>>"$LOG"; then
         tail -n 20 "$LOG" >&2
         fail "$name (bench.py stage $stage exited non-zero or ran past ${limit} s; log: $LOG)"
     fi
-    cat "$OUT/$name.json" >>"$JSONL"
-    if ! why=$("$PY" benchmarks/projection.py "$OUT/$name.json" --check "$stage" 2>&1); then
-        cat "$OUT/$name.json" >&2
+    cat "$LINES_DIR/$name.json" >>"$JSONL"
+    if ! why=$("$PY" benchmarks/projection.py "$LINES_DIR/$name.json" --check "$stage" 2>&1); then
+        cat "$LINES_DIR/$name.json" >&2
         echo "$why" | tee -a "$LOG" >&2
         fail "$name (stage $stage: no finite positive rate)"
     fi
