@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transfgu.augment import augment, draw_params  # noqa: E402
 from transfgu.crops import (THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, cut_crops,  # noqa: E402
                             select_crops, window_pixel_boxes)
-from transfgu.data.dataset import SplitDataset  # noqa: E402
+from transfgu.data.dataset import SplitDataset, images_on  # noqa: E402
 from transfgu.data.synthetic import generate_scene  # noqa: E402
 from transfgu.shards import (COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate,  # noqa: E402
                              write_piece)
@@ -500,14 +500,15 @@ def jpeg_split(folder: Path, n: int) -> dict:
 def loader_throughput(dataset, batch: int, workers: int, device, passes: int = 2) -> float:
     """Images per second a DataLoader delivers to `device` (workers started before the clock runs)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
-                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+                                         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                         collate_fn=getattr(dataset, "collate", None))
     for b in loader:  # warm-up pass: workers started, files in the page cache
-        b["image"].to(device, non_blocking=True)
+        images_on(b, device)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(passes):
         for b in loader:
-            b["image"].to(device, non_blocking=True)
+            images_on(b, device)  # decoded there with decode="device"
             if "maps" in b:
                 maps_on(b["maps"], device)
     sync(device)
@@ -524,8 +525,9 @@ class AssembledMaskReader(PseudoMaskReader):
         return read_pseudo_masks(self._h5, i)
 
 
-def bench_load(kind):
-    """extract: images at 2R; pseudo: images at R; train: images at R + their 171 pseudo maps from HDF5."""
+def bench_load(kind, decode: str = "host"):
+    """extract: images at 2R; pseudo: images at R; train: images at R + their 171 pseudo maps from HDF5.
+    decode="device": the stages' `decode: device` (workers read the files, the batch is decoded on the device)."""
     def run(s, device, repeats):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -538,15 +540,15 @@ def bench_load(kind):
                 write_piece(tmp / piece_name(0), fake_pseudo_parts(len(index["splits"]["train"]), K, h))
                 with h5py.File(maps, "w") as h5:
                     merge_batches([tmp / piece_name(0)], h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
-            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None)
+            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None, decode=decode)
             batch = s["batch"] * (4 if kind != "extract" else 1)
             new = loader_throughput(data, batch, s["workers"], device)
             old = loader_throughput(data, batch, 0, device, passes=1) if BASELINES else None
             extra = {}
-            if kind == "train":  # the same workers shipping assembled float32 maps (the path before the parts)
+            if kind == "train" and decode == "host":  # the same workers shipping assembled float32 maps (the path before the parts)
                 data.maps = AssembledMaskReader(maps)
                 extra["assembled_in_workers_img_per_s"] = round(loader_throughput(data, batch, s["workers"], device), 2)
-        return new, old, {"size": size, "workers": s["workers"], "batch": batch,
+        return new, old, {"size": size, "workers": s["workers"], "batch": batch, "decode": decode,
                           "cpus": os.cpu_count(), "unit": "images/s delivered to the device", **extra}
     return run
 
@@ -659,6 +661,7 @@ STAGES = {"extract": bench_extract, "extract_cut": bench_extract_cut, "pseudo27"
           "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
           "pseudo_write": bench_pseudo_write, "pieces": bench_pieces, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
           "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train"),
+          "load_train_device": bench_load("train", "device"), "load_extract_device": bench_load("extract", "device"),
           "load_device_decode": bench_load_device_decode}
 
 

@@ -56,9 +56,11 @@ LINES=(
     "load_pseudo|$TO_FAST|--stages load_pseudo"
     "load_extract|$TO_FAST|--stages load_extract"
     "load_train|$TO_FAST|--stages load_train"
+    "load_train_device|$TO_FAST|--stages load_train_device"
     "cluster|$TO_SLOW|--stages cluster --cluster-backend auto"
     "pseudo171_b32|$TO_FAST|--stages pseudo171 --batch $PSEUDO_BATCH --repeats $R_MID"
     "load_device_decode|$TO_FAST|--stages load_device_decode"
+    "load_extract_device|$TO_FAST|--stages load_extract_device"
 )
 
 {

@@ -43,7 +43,13 @@ TARGETS = [
     ("load train (JPEG + HDF5 maps) >= train", "load_train", "img_per_s", None, "min", ("train",)),
     ("option: JPEG decoded on the device -> R", "load_device_decode", "img_per_s", None, "min",
      ("pseudo27", "pseudo171", "pseudo27_bf16", "pseudo171_bf16", "evaluate")),
+    ("option decode: device, extract loader >= extract", "load_extract_device", "img_per_s", None, "min",
+     ("extract",)),
+    ("option decode: device, train loader >= train", "load_train_device", "img_per_s", None, "min", ("train",)),
 ]
+HOST_LOADERS = {"extract": "load_extract", "pseudo": "load_pseudo", "train": "load_train"}
+# `decode: device` in extract, pseudo and train (pseudo's loader: images only at R, as load_device_decode times)
+DEVICE_LOADERS = {"extract": "load_extract_device", "pseudo": "load_device_decode", "train": "load_train_device"}
 QUICK_NOTE = "tiny --quick sizes on the CPU: the targets are the GPU's, the statuses mean nothing here"
 
 
@@ -101,11 +107,14 @@ def _target_text(target, kind) -> str:
     return "-" if target is None else (">= " if kind == "min" else "<= ") + f"{target:,.6g}"
 
 
-def _rate(rows, stage, loader, **match):
-    """min(compute rate, loader rate) and which of the two bounds it; (None, None) when compute is missing."""
+def _rate(rows, stage, loader, strict: bool = False, **match):
+    """min(compute rate, loader rate) and which of the two bounds it; (None, None) when compute is missing, and
+    with `strict` when the loader's line is missing too."""
     row, load = find(rows, stage, **match), find(rows, loader) if loader else None
     if not row or not good(row.get("img_per_s")):
         return None, None
+    if strict and not (load and good(load.get("img_per_s"))):
+        return None, f"n/a (no {loader} line)"
     if load and good(load.get("img_per_s")) and load["img_per_s"] < row["img_per_s"]:
         return load["img_per_s"], f"{load['img_per_s']:,.0f} img/s ({loader}-bound; {stage} {row['img_per_s']:,.0f})"
     return row["img_per_s"], f"{row['img_per_s']:,.0f} img/s ({stage})"
@@ -113,10 +122,13 @@ def _rate(rows, stage, loader, **match):
 
 def project(rows, n_train: int = COCO_TRAIN, n_val: int = COCO_VAL, epochs: int = 200, train_batch: int = 32,
             niter: int = 100, pseudo_stage: str = "pseudo171", dim: int = 384, k: int = 171,
-            pseudo_batch: int = 32) -> dict:
-    """Seconds per stage of the full run (None where a needed line is missing) and the rates used."""
+            pseudo_batch: int = 32, loaders: dict = HOST_LOADERS) -> dict:
+    """Seconds per stage of the full run (None where a needed line is missing) and the rates used; `loaders`:
+    the loader line each of extract, pseudo and train runs with (evaluate always decodes on the host); other
+    loaders than the host ones must have been measured."""
     notes, sec = {}, {}
-    r, notes["extract"] = _rate(rows, "extract", "load_extract")
+    strict = loaders != HOST_LOADERS
+    r, notes["extract"] = _rate(rows, "extract", loaders["extract"], strict)
     sec["extract"] = n_train / r if r else None
     ex, cl = find(rows, "extract"), find(rows, "cluster")
     crops = ex["crops_per_image"] * n_train if ex and good(ex.get("crops_per_image")) else None
@@ -129,25 +141,25 @@ def project(rows, n_train: int = COCO_TRAIN, n_val: int = COCO_VAL, epochs: int 
                            f"{crops:,.0f} x {dim} -> {k}"
     else:
         sec["cluster"] = None
-    r, notes["pseudo"] = _rate(rows, pseudo_stage, "load_pseudo", batch=pseudo_batch)
+    r, notes["pseudo"] = _rate(rows, pseudo_stage, loaders["pseudo"], strict, batch=pseudo_batch)
     sec["pseudo"] = n_train / r if r else None
     row = find(rows, pseudo_stage, batch=pseudo_batch)
     notes["pseudo_batch"] = row.get("batch") if row else None
     ev, notes["evaluate"] = _rate(rows, "evaluate", "load_pseudo")
     sec["evaluate"] = n_val / ev if ev else None
-    tr, notes["train"] = _rate(rows, "train", "load_train", batch=train_batch)
+    tr, notes["train"] = _rate(rows, "train", loaders["train"], strict, batch=train_batch)
     row = find(rows, "train", batch=train_batch)
     notes["train_batch"] = row.get("batch") if row else None
     sec["train"] = epochs * (n_train / tr + n_val / ev) if tr and ev else None
     return {"seconds": sec, "notes": notes, "n_train": n_train, "n_val": n_val, "epochs": epochs}
 
 
-def projection_line(rows, p: dict) -> str:
+def projection_line(rows, p: dict, suffix: str = "") -> str:
     card = rows[0].get("device", "?") if rows else "?"
     s = p["seconds"]
     fmt = lambda k, unit: "n/a" if s[k] is None else (  # noqa: E731
         f"{s[k] / 3600:.2f} h" if unit == "h" else f"{s[k] / 60:.1f} min")
-    return (f"full COCO-Stuff-171 run on one {card}: extract {fmt('extract', 'h')}, cluster {fmt('cluster', 'min')}, "
+    return (f"full COCO-Stuff-171 run on one {card}{suffix}: extract {fmt('extract', 'h')}, cluster {fmt('cluster', 'min')}, "
             f"pseudo {fmt('pseudo', 'min')}, train {fmt('train', 'h')} ({p['epochs']} epochs), "
             f"evaluate {fmt('evaluate', 'min')}")
 
@@ -180,6 +192,12 @@ def report(rows, args) -> str:
                  f"{n['pseudo']}; train (measured at batch "
                  f"{n['train_batch']}, pipeline batch {args.train_batch}) {n['train']} + val after every epoch "
                  f"at {n['evaluate']}; cluster {n.get('cluster')}")
+    if any(r.get("stage") in ("load_extract_device", "load_train_device") for r in rows):
+        d = project(rows, args.train_images, args.val_images, args.epochs, args.train_batch, args.niter,
+                    pseudo_batch=args.pseudo_batch, loaders=DEVICE_LOADERS)
+        lines.append(projection_line(rows, d, " with decode: device"))
+        lines.append(f"  rates: extract {d['notes']['extract']}; pseudo {d['notes']['pseudo']}; "
+                     f"train {d['notes']['train']}")
     return "\n".join(lines)
 
 

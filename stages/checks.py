@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from transfgu.choices import BACKENDS, PRECISIONS
+from transfgu.choices import BACKENDS, DECODES, PRECISIONS
 from transfgu.data.tasks import DATASETS, FOLDER, dataset_is_things_only, resolve_task
 from transfgu.errors import InputFileNotFound, InputValueError
 from transfgu.models.archs import ARCHS
@@ -82,6 +82,7 @@ def int_list(lo=None) -> Check:
 
 AUTO_WORKERS = either(choice("auto"), integer(0)).optional()
 PRECISION = choice(*PRECISIONS).optional()
+DECODE = choice(*DECODES).optional()
 LIST_FILE = either(null(), text())
 
 SCHEMA = {
@@ -113,6 +114,7 @@ SCHEMA = {
         "crop_batch": integer(1),
         "precision": PRECISION,
         "num_workers": AUTO_WORKERS,
+        "decode": DECODE,
     },
     "cluster": {
         "niter": integer(1),
@@ -125,6 +127,7 @@ SCHEMA = {
         "mass": number(0, 1, lo_open=True),
         "precision": PRECISION,
         "num_workers": AUTO_WORKERS,
+        "decode": DECODE,
     },
     "train": {
         "epochs": integer(1),
@@ -139,6 +142,7 @@ SCHEMA = {
         "select_by": choice("val", "last"),
         "precision": PRECISION,
         "num_workers": AUTO_WORKERS,
+        "decode": DECODE,
     },
     "evaluate": {
         "batch_size": integer(1),

@@ -8,11 +8,11 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from common import FEATURE_BANK, INDEX, log, run_key, setup, size_mb, stage_main, timed
-from runtime import backbone_of, device, precision_of, workers_of
+from runtime import backbone_of, decode_of, device, precision_of, workers_of
 
 from transfgu import dist
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows
-from transfgu.data.dataset import SplitDataset
+from transfgu.data.dataset import SplitDataset, images_on
 from transfgu.data.tasks import dataset_is_things_only
 from transfgu.feature_bank import batch_arrays, groups_of, write_feature_bank
 from transfgu.io import read_json
@@ -32,7 +32,7 @@ def main():
     backbone = backbone_of(params, dev)
     precision = precision_of(params, "extract", dev)
     index = read_json(INDEX)
-    data = SplitDataset(index, "train", 2 * R)
+    data = SplitDataset(index, "train", 2 * R, decode=decode_of(params, "extract"), param="extract.decode")
     windows = crop_windows(2 * R // backbone.patch_size, sizes)
     groups = groups_of(things_only)
     log.info("%d train images at %d px, %d windows per image (sizes %s), crops at %d px%s, %s, %d process(es)",
@@ -42,7 +42,7 @@ def main():
     pieces = BatchPieces(FEATURE_BANK, data, int(cfg["batch_size"]), workers_of(params, "extract"), key, "extract")
     with timed("extract"):
         for batch, save in pieces.batches("extract"):
-            images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
+            images = backbone.normalize(images_on(batch, dev).float() / 255)
             crops = crop_features(backbone, images, windows, R, int(cfg["crop_batch"]), things_only,
                                   float(cfg["thing_fraction"]), float(cfg["stuff_fraction"]), precision)
             save(batch_arrays(groups, crops))

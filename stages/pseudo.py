@@ -12,11 +12,11 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, run_key, setup, size_mb, stage_main,
                     task_of, timed)
-from runtime import backbone_of, device, grad_scale_of, precision_of, workers_of
+from runtime import backbone_of, decode_of, device, grad_scale_of, precision_of, workers_of
 
 from transfgu import dist, pseudo_store
 from transfgu.crops import attention_foreground
-from transfgu.data.dataset import SplitDataset
+from transfgu.data.dataset import SplitDataset, images_on
 from transfgu.data.index import split_is_labelled
 from transfgu.io import read_json, write_json
 from transfgu.losses import soft_targets
@@ -43,7 +43,8 @@ def main():
     centroids = torch.from_numpy(stored["centroids"]).to(dev)
     index = read_json(INDEX)
     labelled = split_is_labelled(index, "train", task)
-    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None)
+    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=decode_of(params, "pseudo"),
+                        param="pseudo.decode")
     h = R // backbone.patch_size
     scale = grad_scale_of(params)
     log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, trunk in %s, %d process(es)",
@@ -57,7 +58,7 @@ def main():
                          packed=pseudo_store.PACKED)
     with timed("pseudo"):
         for batch, save in pieces.batches("pseudo"):
-            images = backbone.normalize(batch["image"].to(dev, non_blocking=True).float() / 255)
+            images = backbone.normalize(images_on(batch, dev).float() / 255)
             a, q = pseudo_mask_parts(backbone, images, centroids, scale, float(cfg["mass"]), precision)
             q16 = q.half()  # what is stored, cast on the device
             targets = soft_targets(assemble_pseudo_masks(a, q), task.things_only)

@@ -51,6 +51,13 @@ def workers_of(params, stage: str) -> int:
     return value
 
 
+def decode_of(params, stage: str) -> str:
+    """Where a stage decodes the train images: params[stage]['decode'], `host` (PIL in the DataLoader workers,
+    the default) or `device` (the workers only read the JPEG files; nvJPEG decodes them on the GPU, libjpeg on
+    the CPU). The value is checked by stages/checks.py; a non-JPEG file is an error when the dataset is built."""
+    return params[stage].get("decode", "host")
+
+
 def grad_scale_of(params) -> float:
     value = params["pseudo"].get("grad_scale", "auto")
     if value == "auto":

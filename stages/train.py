@@ -19,7 +19,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from common import DECODER, INDEX, PSEUDO_MASKS, TRAIN_LIVE, TRAIN_LOG, log, run_key, setup, stage_main, task_of, timed
-from runtime import backbone_of, device, precision_of, workers_of
+from runtime import backbone_of, decode_of, device, precision_of, workers_of
 
 from transfgu import dist
 from transfgu.data.dataset import SplitDataset
@@ -113,7 +113,8 @@ def main():
     backbone = backbone_of(params, dev)
     index = read_json(INDEX)
     check_pseudo_masks(PSEUDO_MASKS, task.n_concepts, task.granularity)  # BadInput: one line (stage_main)
-    train_data = SplitDataset(index, "train", R, maps=PseudoMaskReader(PSEUDO_MASKS))
+    train_data = SplitDataset(index, "train", R, maps=PseudoMaskReader(PSEUDO_MASKS), decode=decode_of(params, "train"),
+                              param="train.decode")
     val_loader = None
     if cfg["select_by"] not in ("val", "last"):
         raise SystemExit(f"train.select_by: expected 'val' or 'last', got {cfg['select_by']!r}")
@@ -137,7 +138,8 @@ def main():
     sampler = GlobalBatchSampler(len(train_data), tc.batch_size, seed)
     workers = workers_of(params, "train")
     train_loader = torch.utils.data.DataLoader(train_data, batch_sampler=sampler, num_workers=workers,
-                                               pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+                                               pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                                               collate_fn=train_data.collate)
     checkpoint = keyed_path(DECODER, "checkpoint", run_key("train", params, [INDEX, PSEUDO_MASKS],
                                                            precision=tc.precision, device=dev.type))
     live = LiveLog(TRAIN_LIVE, len(sampler)) if dist.is_main() else None

@@ -166,3 +166,22 @@ def test_gpu_sh_failure_after_a_line_still_prints_its_table(tmp_path):
     assert out.returncode == 1 and "FAILED: pseudo27_bf16 (bench.py stage pseudo27_bf16" in out.stderr
     assert "full COCO-Stuff-171 run on one fake card" in out.stdout
     assert "900.0" in (tmp_path / "out" / "table.txt").read_text()
+
+
+def test_projection_with_device_decode_uses_the_device_loaders(jsonl):
+    """The second projection line (decode: device) takes the device loaders' rates, and says n/a for a stage whose
+    device loader was not measured rather than falling back to its compute rate."""
+    rows = projection.load_rows(jsonl)
+    device = rows + [{"stage": "load_train_device", "img_per_s": 800.0, "device": CARD},
+                     {"stage": "load_device_decode", "img_per_s": 3000.0, "device": CARD}]
+    p = projection.project(device, train_batch=32, loaders=projection.DEVICE_LOADERS)
+    s = p["seconds"]
+    assert s["train"] == pytest.approx(200 * (118_287 / 800 + 5_000 / 1000))  # load_train_device bounds train
+    assert s["pseudo"] == pytest.approx(118_287 / 500)  # the device decode (3000) is faster than pseudo (500)
+    assert s["extract"] is None and "no load_extract_device line" in p["notes"]["extract"]
+
+    class Args:
+        train_images, val_images, epochs, train_batch, niter, pseudo_batch = 118_287, 5_000, 200, 32, 100, 32
+    assert "with decode: device" not in projection.report(rows, Args)
+    report = projection.report(device, Args)
+    assert f"full COCO-Stuff-171 run on one {CARD} with decode: device: extract n/a" in report

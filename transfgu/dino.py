@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from . import dist
-from .augment import color_jitter, gaussian_blur3, grayscale, to_device
+from .augment import color_jitter, gaussian_blur3, grayscale
+from .devices import to_device
 from .io import atomic_output
 from .models.vit import DinoViT
 from .optim import clip_each_, decay_groups

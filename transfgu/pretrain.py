@@ -41,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .augment import to_device
 from .data.images import ImageFiles, collect_images
+from .devices import to_device
 from .dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint
 from .errors import BadInput, InputValueError
 from .io import atomic_output

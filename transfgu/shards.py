@@ -244,7 +244,8 @@ def batch_loader(dataset, batch_size: int, num_workers: int, batches) -> torch.u
     sampler = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batches]
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0 and bool(sampler))
+                                       persistent_workers=num_workers > 0 and bool(sampler),
+                                       collate_fn=getattr(dataset, "collate", None))
 
 
 def my_loader(dataset, batch_size: int, num_workers: int):

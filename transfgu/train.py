@@ -15,7 +15,9 @@ import torch
 from . import dist, faults
 from .dist import progress
 from .io import atomic_output
-from .augment import augment, draw_params, to_device
+from .augment import augment, draw_params
+from .data.dataset import images_on
+from .devices import to_device
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
 from .metrics import segmentation_scores
 from .optim import decay_groups
@@ -219,7 +221,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
         sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
         n_batches = 0
         for batch in progress(train_loader, desc=f"train epoch {epoch}", leave=False):
-            images = to_device(batch["image"], device).float() / 255
+            images = images_on(batch, device).float() / 255
             maps = maps_on(batch["maps"], device)
             R = images.shape[-1]
             params = draw_params(cfg.seed, epoch, batch["index"].tolist(), R)

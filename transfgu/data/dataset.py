@@ -1,32 +1,71 @@
-"""The Dataset the stages read a split with: images at a fixed square size, labels and pseudo masks."""
+"""The Dataset the stages read a split with: images at a fixed square size, labels and pseudo masks; images
+decoded in the workers (`decode="host"`) or only read there and decoded on the device (`"device"`)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
-from .images import load_label, load_rgb
+from ..devices import to_device
+from ..errors import InputValueError
+from .images import JPEG_EXTENSIONS, decode_resize, load_label, load_rgb, read_bytes
 
 
 class SplitDataset(torch.utils.data.Dataset):
     """Images of one split at a fixed square size, with labels (through the task's lut) and/or the
     per-image pseudo maps of a reader when given (`maps`)."""
 
-    def __init__(self, index: dict, split: str, size: int, lut: np.ndarray | None = None, maps=None):
+    def __init__(self, index: dict, split: str, size: int, lut: np.ndarray | None = None, maps=None,
+                 decode: str = "host", param: str = "decode"):
         self.root = Path(index["root"])
         self.entries = index["splits"][split]
         self.size, self.lut = size, lut
         self.maps = maps  # maps[i] -> image i's pseudo maps (K, h, w), e.g. transfgu.pseudo_store.PseudoMaskReader
+        if decode not in ("host", "device"):
+            raise InputValueError(f"{param}: expected 'host' or 'device', got {decode!r}")
+        if decode == "device":
+            other = next((e["image"] for e in self.entries if not e["image"].lower().endswith(JPEG_EXTENSIONS)),
+                         None)
+            if other is not None:
+                raise InputValueError(f"{param}: device decodes JPEG files only, and {self.root / other} is not "
+                                      f"one (use host)")
+        self.decode = decode
+
+    @staticmethod
+    def collate(items: list[dict]) -> dict:
+        """The DataLoader's collate_fn for this dataset (`collate`)."""
+        return collate(items)
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, i):
         e = self.entries[i]
-        item = {"index": i, "image": load_rgb(self.root / e["image"], self.size)}
+        if self.decode == "device":  # only read here; `images_on` decodes the batch where it is used
+            item = {"index": i, "jpeg": read_bytes(self.root / e["image"]), "jpeg_size": self.size}
+        else:
+            item = {"index": i, "image": load_rgb(self.root / e["image"], self.size)}
         if self.lut is not None and e.get("label"):
             item["label"] = load_label(self.root / e["label"], self.size, self.lut)
         if self.maps is not None:
             item["maps"] = self.maps[i]
         return item
+
+
+def collate(items: list[dict]) -> dict:
+    """default_collate, except that the JPEG bytes of `decode="device"` (one length per file) stay a list."""
+    if "jpeg" not in items[0]:
+        return default_collate(items)
+    batch = default_collate([{k: v for k, v in item.items() if k != "jpeg"} for item in items])
+    batch["jpeg"] = [item["jpeg"] for item in items]
+    return batch
+
+
+def images_on(batch: dict, device) -> torch.Tensor:
+    """The batch's images as uint8 (B, 3, S, S) on `device`: moved (decoded in the workers), or decoded there
+    from their JPEG bytes (`decode="device"`) at the dataset's size."""
+    if "jpeg" in batch:
+        return decode_resize(batch["jpeg"], int(batch["jpeg_size"][0]), device)
+    return to_device(batch["image"], device)

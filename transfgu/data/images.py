@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputFileNotFound, InputOSError, InputValueError
@@ -35,6 +36,39 @@ def load_rgb(path: Path, size: int) -> torch.Tensor:
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise InputOSError(f"cannot read image {path}: {e}") from e
+
+
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+
+
+def read_bytes(path: Path) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor (what `decode_resize` takes), for workers that only read."""
+    try:
+        return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+    except OSError as e:
+        raise InputOSError(f"cannot read image {path}: {e}") from e
+
+
+def decode_resize(jpegs: list[torch.Tensor], size: int, device) -> torch.Tensor:
+    """JPEG files' bytes -> uint8 (B, 3, size, size) on `device`: decoded there (nvJPEG on a GPU, libjpeg on
+    the CPU) and resized bilinearly with antialiasing (aspect not kept), images of one shape together. Within
+    about one grey level of `load_rgb` (PIL's decoder and filter differ in rounding)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    device = torch.device(device)
+    try:
+        decoded = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as e:
+        raise InputOSError(f"cannot decode a JPEG of this batch on {device}: {e}") from e
+    out = torch.empty(len(decoded), 3, size, size, dtype=torch.uint8, device=device)
+    shapes: dict[tuple, list[int]] = {}
+    for i, img in enumerate(decoded):
+        shapes.setdefault(tuple(img.shape), []).append(i)
+    for idx in shapes.values():
+        x = torch.stack([decoded[i] for i in idx]).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        out[torch.tensor(idx, device=device)] = x.round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
