@@ -676,6 +676,8 @@ def main(argv=None):
     ap.add_argument("--cluster-vectors", type=int, default=None, help="k-means vectors (default: 5M, quick: 20k)")
     ap.add_argument("--train-batch", type=int, default=None, help="train step batch (default: 256, quick: 4)")
     ap.add_argument("--batch", type=int, default=None, help="pseudo* and extract_cut images per batch (default: 8, quick: 2)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="DataLoader workers of the load_* stages (default: min(8, CPUs), the stages' auto; quick: 2)")
     ap.add_argument("--no-baseline", action="store_true",
                     help="time only this project's path (baseline fields null): the GPU target table")
     ap.add_argument("--tf32", choices=["default", "on", "off"], default="default",
@@ -691,6 +693,8 @@ def main(argv=None):
         sizes = {**sizes, "train_batch": args.train_batch}
     if args.batch:
         sizes = {**sizes, "batch": args.batch}
+    if args.workers is not None:
+        sizes = {**sizes, "workers": args.workers}
     repeats = args.repeats or (2 if args.quick else 10)
     torch.manual_seed(0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"

@@ -36,10 +36,11 @@ trap 'rm -rf "$LINES_DIR"' EXIT
 
 if [[ -n $QUICK ]]; then
     COMMON=(--quick --no-baseline --repeats 1)
-    R_FAST=1; R_MID=1; R_SLOW=1; TRAIN_TARGET=8; PSEUDO_BATCH=4; TO_FAST=120; TO_SLOW=240
+    R_FAST=1; R_MID=1; R_SLOW=1; TRAIN_TARGET=8; PSEUDO_BATCH=4; TO_FAST=120; TO_SLOW=240; WORKERS_MORE=1
 else
     COMMON=(--no-baseline)
     R_FAST=20; R_MID=10; R_SLOW=4; TRAIN_TARGET=256; PSEUDO_BATCH=32; TO_FAST=90; TO_SLOW=240
+    WORKERS_MORE=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))  # all CPUs but two (the stage's process, pinning)
 fi
 
 # line name | per-line timeout (s) | bench.py arguments; the order is the run order
@@ -56,6 +57,7 @@ LINES=(
     "load_pseudo|$TO_FAST|--stages load_pseudo"
     "load_extract|$TO_FAST|--stages load_extract"
     "load_train|$TO_FAST|--stages load_train"
+    "load_train_device_more_workers|$TO_FAST|--stages load_train_device --workers $WORKERS_MORE"
     "load_train_device|$TO_FAST|--stages load_train_device"
     "cluster|$TO_SLOW|--stages cluster --cluster-backend auto"
     "pseudo171_b32|$TO_FAST|--stages pseudo171 --batch $PSEUDO_BATCH --repeats $R_MID"
