@@ -5,7 +5,7 @@
 #
 # Run from anywhere (it finds the repository from its own path); needs python3 (or $PYTHON) with torch, timm,
 # h5py, pyyaml, pillow, scipy, scikit-learn; no dvc, dvclive, faiss, network or install. On one H100 or H200:
-# about 6-7 minutes (give the call a timeout of 9 minutes); --quick: tiny sizes, 2-3 minutes on a 2-core CPU.
+# about 6.5 minutes, estimated (give it 450 s, so that gpu.sh fits in the same 15-minute window); --quick: tiny sizes, 2-3 minutes on a 2-core CPU.
 # Run one recipe at a time: two pretraining processes on one GPU each ran at under a third of the speed of one
 # alone (H200, docs/experiments.md).
 #   1. generates the pretraining scenes with the synthetic generator under seeds 101.. (the pipeline's own set
