@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from ..devices import to_device
 from ..errors import InputFileNotFound, InputOSError, InputValueError
 from .adapters import IMAGE_EXTENSIONS
 from .labels import INVALID
@@ -67,7 +68,7 @@ def decode_resize(jpegs: list[torch.Tensor], size: int, device) -> torch.Tensor:
     for idx in shapes.values():
         x = torch.stack([decoded[i] for i in idx]).float()
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[torch.tensor(idx, device=device)] = x.round_().clamp_(0, 255).to(torch.uint8)
+        out[to_device(torch.tensor(idx), device)] = x.round_().clamp_(0, 255).to(torch.uint8)
     return out
 
 
