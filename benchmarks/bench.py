@@ -124,6 +124,21 @@ def tf32_label_agreement(backbone, images, centroids) -> float:
     return (labels[0] == labels[1]).float().mean().item()
 
 
+def tf32_window_agreement(backbone, images, windows) -> float:
+    """Share of extract's window decisions (thing crop, stuff crop, per window and image) identical with TF32 on
+    and off in the float32 attention forward that selects them (1.0 on a CPU, where TF32 does not exist)."""
+    B, _, H, _ = images.shape
+    grid = H // backbone.patch_size
+    decisions = []
+    for on in (False, True):
+        saved = set_tf32(on)
+        try:
+            decisions.append(torch.stack(select_crops(backbone.cls_attention(images).view(B, grid, grid), windows)))
+        finally:
+            restore_tf32(saved)
+    return (decisions[0] == decisions[1]).float().mean().item()
+
+
 def auto(device) -> str:
     """The pipeline's `precision: auto` on this device."""
     return resolve_precision("auto", device, "precision")
@@ -217,6 +232,7 @@ def bench_extract(s, device, repeats):
     run = lambda: crop_features(backbone, images, windows, s["R"], s["crop_batch"], precision=auto(device))  # noqa: E731
     with torch.no_grad():
         n_crops = sum(len(f) for part in run() for f in part)
+        agree = tf32_window_agreement(backbone, images, windows.to(device))
         new = timeit(run, device, repeats)
         unfused(backbone)
         old = baseline(lambda: timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device,
@@ -224,7 +240,8 @@ def bench_extract(s, device, repeats):
     fused(backbone)
     # crop_features forwards the selected crops of all B images together, crop_batch at a time
     return B / new, per_s(B, old), {"crops_per_image": n_crops / B, "crops_per_s": n_crops / new, "batch": B,
-                                    "crop_batch": s["crop_batch"], "precision": auto(device)}
+                                    "crop_batch": s["crop_batch"], "precision": auto(device),
+                                    "tf32_window_agreement": agree}
 
 
 def bench_extract_cut(s, device, repeats):

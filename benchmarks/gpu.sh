@@ -52,6 +52,7 @@ LINES=(
     "evaluate|$TO_FAST|--stages evaluate --repeats $R_FAST"
     "train_target|$TO_FAST|--stages train --train-batch $TRAIN_TARGET --repeats $R_MID"
     "extract|$TO_FAST|--stages extract --repeats $R_SLOW"
+    "extract_tf32|$TO_FAST|--stages extract --repeats $R_SLOW --tf32 on"
     "train_pipeline|$TO_FAST|--stages train --train-batch 32 --repeats $R_FAST"
     "pseudo171_tf32|$TO_FAST|--stages pseudo171 --repeats $R_MID --tf32 on"
     "load_pseudo|$TO_FAST|--stages load_pseudo"

@@ -36,6 +36,8 @@ TARGETS = [
     ("train step, bootstrap + device augment, b256", "train", "img_per_s", 2000, "min", {"batch": 256}),
     ("extract (images at 2R, crops at R)", "extract", "img_per_s", 30, "min", {}),
     ("extract crops", "extract", "crops_per_s", 2000, "min", {}),
+    ("extract: window decisions same with TF32 on", "extract", "tf32_window_agreement", 0.9, "min", {}),
+    ("extract + TF32 (--tf32 on): selection forward", "extract", "img_per_s", 30, "min", {"tf32": "on"}),
     ("k-means 5M x 384 -> 171, 100 iterations (s)", "cluster", "seconds", 120, "max", {}),
     ("load extract (JPEG -> 2R) >= extract", "load_extract", "img_per_s", None, "min", ("extract",)),
     ("load pseudo/evaluate (JPEG -> R) >= them", "load_pseudo", "img_per_s", None, "min",
