@@ -111,17 +111,23 @@ def restore_tf32(saved: list) -> None:
         setattr(obj, attr, value)
 
 
-def tf32_label_agreement(backbone, images, centroids) -> float:
-    """Share of pseudo labels (per-pixel argmax over the concepts) identical with TF32 on and off, fp32 path:
-    what allowing TF32 in the pseudo stage would change (1.0 on a CPU, where TF32 does not exist)."""
-    labels = []
+def tf32_agreement(compute) -> float:
+    """Share of the elements of compute() identical with TF32 off and on (1.0 on a CPU, where TF32 does not
+    exist); the caller's TF32 setting is restored."""
+    out = []
     for on in (False, True):
         saved = set_tf32(on)
         try:
-            labels.append(pseudo_masks(backbone, images, centroids, 1 / 8, precision="fp32").argmax(1))
+            out.append(compute())
         finally:
             restore_tf32(saved)
-    return (labels[0] == labels[1]).float().mean().item()
+    return (out[0] == out[1]).float().mean().item()
+
+
+def tf32_label_agreement(backbone, images, centroids) -> float:
+    """Share of pseudo labels (per-pixel argmax over the concepts) identical with TF32 on and off, fp32 path:
+    what allowing TF32 in the pseudo stage would change."""
+    return tf32_agreement(lambda: pseudo_masks(backbone, images, centroids, 1 / 8, precision="fp32").argmax(1))
 
 
 def tf32_window_agreement(backbone, images, windows) -> float:
@@ -129,14 +135,8 @@ def tf32_window_agreement(backbone, images, windows) -> float:
     and off in the float32 attention forward that selects them (1.0 on a CPU, where TF32 does not exist)."""
     B, _, H, _ = images.shape
     grid = H // backbone.patch_size
-    decisions = []
-    for on in (False, True):
-        saved = set_tf32(on)
-        try:
-            decisions.append(torch.stack(select_crops(backbone.cls_attention(images).view(B, grid, grid), windows)))
-        finally:
-            restore_tf32(saved)
-    return (decisions[0] == decisions[1]).float().mean().item()
+    return tf32_agreement(lambda: torch.stack(select_crops(backbone.cls_attention(images).view(B, grid, grid),
+                                                           windows)))
 
 
 def auto(device) -> str:

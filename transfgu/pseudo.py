@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vjp, vmap
 
+from .devices import to_device
 from .precision import autocast
 
 
@@ -85,9 +86,8 @@ def maps_on(maps, device) -> torch.Tensor:
     {"attention": (B, h, w), "gradient": (B, K, h, w) float16} (a collated `PseudoMaskReader` batch) are moved
     and assembled there. Elementwise, so the values are those of assembling on the host."""
     if isinstance(maps, torch.Tensor):
-        return maps.to(device)
-    return assemble_pseudo_masks(maps["attention"].to(device, non_blocking=True),
-                                 maps["gradient"].to(device, non_blocking=True))
+        return to_device(maps, device)
+    return assemble_pseudo_masks(to_device(maps["attention"], device), to_device(maps["gradient"], device))
 
 
 def pseudo_masks(backbone, images: torch.Tensor, centroids: torch.Tensor, grad_scale: float = 1.0,

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
+from ..choices import DECODES
 from ..devices import to_device
 from ..errors import InputValueError
 from .images import JPEG_EXTENSIONS, decode_resize, load_label, load_rgb, read_bytes
@@ -23,8 +24,8 @@ class SplitDataset(torch.utils.data.Dataset):
         self.entries = index["splits"][split]
         self.size, self.lut = size, lut
         self.maps = maps  # maps[i] -> image i's pseudo maps (K, h, w), e.g. transfgu.pseudo_store.PseudoMaskReader
-        if decode not in ("host", "device"):
-            raise InputValueError(f"{param}: expected 'host' or 'device', got {decode!r}")
+        if decode not in DECODES:
+            raise InputValueError(f"{param}: expected {' or '.join(map(repr, DECODES))}, got {decode!r}")
         if decode == "device":
             other = next((e["image"] for e in self.entries if not e["image"].lower().endswith(JPEG_EXTENSIONS)),
                          None)
@@ -35,8 +36,13 @@ class SplitDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def collate(items: list[dict]) -> dict:
-        """The DataLoader's collate_fn for this dataset (`collate`)."""
-        return collate(items)
+        """The DataLoader's collate_fn for this dataset: default_collate, except that the JPEG bytes of
+        `decode="device"` (one length per file) stay a list."""
+        if "jpeg" not in items[0]:
+            return default_collate(items)
+        batch = default_collate([{k: v for k, v in item.items() if k != "jpeg"} for item in items])
+        batch["jpeg"] = [item["jpeg"] for item in items]
+        return batch
 
     def __len__(self):
         return len(self.entries)
@@ -52,15 +58,6 @@ class SplitDataset(torch.utils.data.Dataset):
         if self.maps is not None:
             item["maps"] = self.maps[i]
         return item
-
-
-def collate(items: list[dict]) -> dict:
-    """default_collate, except that the JPEG bytes of `decode="device"` (one length per file) stay a list."""
-    if "jpeg" not in items[0]:
-        return default_collate(items)
-    batch = default_collate([{k: v for k, v in item.items() if k != "jpeg"} for item in items])
-    batch["jpeg"] = [item["jpeg"] for item in items]
-    return batch
 
 
 def images_on(batch: dict, device) -> torch.Tensor:
