@@ -266,13 +266,9 @@ def test_disk_error_of_atomic_output_names_the_needed_size(tmp_path):
 @pytest.fixture()
 def predict_dir(tmp_path):
     import numpy as np
-    import torch
     from PIL import Image
-    from transfgu.models.decoder import build_decoder
-    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "root": str(tmp_path / "data"), "R": 32},
-              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    torch.save(build_decoder(6, 192, seed=1).state_dict(), tmp_path / "decoder.pt")
+    from tiny_project import predict_files
+    predict_files(tmp_path)
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     rng = np.random.default_rng(0)

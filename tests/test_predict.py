@@ -2,20 +2,17 @@
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from transfgu.cli import main
 from transfgu.data.images import collect_images
+from tiny_project import predict_files
 from transfgu.models.decoder import build_decoder
 
 
 @pytest.fixture
 def setup_dir(tmp_path):
-    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "root": str(tmp_path / "data"), "R": 32},
-              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    torch.save(build_decoder(6, 192, seed=1).state_dict(), tmp_path / "decoder.pt")
+    predict_files(tmp_path)
     imgs = tmp_path / "imgs"
     (imgs / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -24,6 +24,19 @@ def merge(base: dict, over: dict) -> dict:
     return base
 
 
+def predict_files(folder: Path) -> None:
+    """What `transfgu predict` reads, in `folder`: params.yaml (synthetic, R = 32, random vit_mini/8) and a seeded
+    6-class decoder.pt."""
+    import torch
+
+    from transfgu.models.decoder import build_decoder
+
+    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "root": str(folder / "data"), "R": 32},
+              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    torch.save(build_decoder(6, 192, seed=1).state_dict(), folder / "decoder.pt")
+
+
 def default_params(over: dict | None = None) -> dict:
     """The project's params.yaml with `over` merged in."""
     return merge(copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text())), over or {})
