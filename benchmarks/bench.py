@@ -635,12 +635,14 @@ def bench_load_device_decode(s, device, repeats):
 def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     """k-means with the backend the cluster stage picks (cluster.backend auto: faiss with a GPU index when
     faiss-gpu sees one, else torch on the bench device when torch sees CUDA, else faiss on the CPUs).
-    Baseline: faiss on the CPUs when the new path is torch, else scikit-learn. Above 1M vectors scikit-learn
+    Baseline: faiss on the CPUs when the new path is torch (none, and `baseline` says so, where faiss is not
+    installed, as on a GPU machine without its wheel), else scikit-learn. Above 1M vectors scikit-learn
     is skipped (far too slow) and faiss-cpu runs min(niter, 3) iterations, its time extrapolated to niter
     (each run also pays one final assignment: time x (niter + 1) / (timed + 1)).
     Throughput = vectors x iterations / s."""
     from sklearn.cluster import KMeans
 
+    from transfgu import cluster
     from transfgu.cluster import describe_backend, gpu_available, kmeans, resolve_backend
     n, d, k, default_iter = s["cluster"]
     n, niter = vectors or n, niter or default_iter
@@ -655,6 +657,8 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
     old, baseline, timed = None, None, None
     if not BASELINES:
         pass
+    elif backend == "torch" and cluster.faiss is None:
+        baseline = "faiss-cpu: not installed here"
     elif backend == "torch":
         baseline, timed = "faiss-cpu", niter if n <= 1_000_000 else min(niter, 3)
         t0 = time.perf_counter()

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The GPU speed table in one go: every line of the target table through benchmarks/bench.py (this project's
-# path only, --no-baseline), the full-dataset projection last. Installs nothing; writes only OUTDIR (and
-# temporary files under /tmp).
+# The GPU speed table in one go: every line of the target table through benchmarks/bench.py, the main lines
+# with the straightforward baseline of the same maths measured in the same process (the table's baseline
+# column), option and variant lines with --no-baseline; the full-dataset projection last. Installs nothing;
+# writes only OUTDIR (and temporary files under /tmp).
 #
 #   bash benchmarks/gpu.sh OUTDIR            # full sizes on the GPU (ViT-S/8, R = 320; under 6 min on an H100)
 #   bash benchmarks/gpu.sh OUTDIR --quick    # tiny sizes on the CPU (dry run of the same script)
 #
 # OUTDIR/bench.jsonl: one JSON line per stage (bench.py's fields); OUTDIR/log: stderr and the per-stage
 # times; OUTDIR/table.txt: the target table and the projection. A stage that errors fails the script with its
-# name (after the table of the lines measured so far), and so does a rate that is not a finite positive number. Cheap and most important lines run first, so
-# a timeout still leaves results. GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides
-# python3.
+# name (after the table of the lines measured so far), and so does a rate that is not a finite positive
+# number. Cheap and most important lines run first. GPU_SH_BUDGET (seconds; default 330, none with --quick)
+# caps the whole loop: a line that would start or run past it is skipped, not failed, and the table names the
+# lines skipped, so that an outer `timeout` never has to kill the script before it writes its table.
+# GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides python3. GPU_SH_COMMIT names the
+# commit in the log (a copied checkout's HEAD can be older than its files). The k-means baseline is
+# faiss-cpu: without faiss on the machine its line says so and the column stays empty (carry the wheel).
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -* ]]; then
@@ -35,47 +40,63 @@ trap 'rm -rf "$LINES_DIR"' EXIT
 : >"$LOG"
 
 if [[ -n $QUICK ]]; then
-    COMMON=(--quick --no-baseline --repeats 1)
+    COMMON=(--quick --repeats 1)
+    BUDGET=${GPU_SH_BUDGET:-0}
     R_FAST=1; R_MID=1; R_SLOW=1; TRAIN_TARGET=8; PSEUDO_BATCH=4; TO_FAST=120; TO_SLOW=240; WORKERS_MORE=1
 else
-    COMMON=(--no-baseline)
+    COMMON=()
+    BUDGET=${GPU_SH_BUDGET:-330}
     R_FAST=20; R_MID=10; R_SLOW=4; TRAIN_TARGET=256; PSEUDO_BATCH=32; TO_FAST=90; TO_SLOW=240
     WORKERS_MORE=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))  # all CPUs but two (the stage's process, pinning)
 fi
 
-# line name | per-line timeout (s) | bench.py arguments; the order is the run order
+# line name | per-line timeout (s) | bench.py arguments; the order is the run order. The lines without
+# --no-baseline measure the table's baseline column (the bf16 pseudo lines share the fp32 lines' baseline,
+# the original per-concept loop; a variant line's baseline is its main line's).
+NB=--no-baseline
 LINES=(
-    "pseudo171_bf16|$TO_FAST|--stages pseudo171_bf16 --repeats $R_FAST"
-    "pseudo27_bf16|$TO_FAST|--stages pseudo27_bf16 --repeats $R_FAST"
+    "pseudo171_bf16|$TO_FAST|--stages pseudo171_bf16 --repeats $R_FAST $NB"
+    "pseudo27_bf16|$TO_FAST|--stages pseudo27_bf16 --repeats $R_FAST $NB"
     "pseudo171|$TO_FAST|--stages pseudo171 --repeats $R_MID"
     "pseudo27|$TO_FAST|--stages pseudo27 --repeats $R_MID"
     "evaluate|$TO_FAST|--stages evaluate --repeats $R_FAST"
     "train_target|$TO_FAST|--stages train --train-batch $TRAIN_TARGET --repeats $R_MID"
     "extract|$TO_FAST|--stages extract --repeats $R_SLOW"
-    "extract_tf32|$TO_FAST|--stages extract --repeats $R_SLOW --tf32 on"
-    "train_pipeline|$TO_FAST|--stages train --train-batch 32 --repeats $R_FAST"
-    "pseudo171_tf32|$TO_FAST|--stages pseudo171 --repeats $R_MID --tf32 on"
+    "extract_tf32|$TO_FAST|--stages extract --repeats $R_SLOW --tf32 on $NB"
+    "train_pipeline|$TO_FAST|--stages train --train-batch 32 --repeats $R_FAST $NB"
+    "pseudo171_tf32|$TO_FAST|--stages pseudo171 --repeats $R_MID --tf32 on $NB"
     "load_pseudo|$TO_FAST|--stages load_pseudo"
     "load_extract|$TO_FAST|--stages load_extract"
     "load_train|$TO_FAST|--stages load_train"
-    "load_train_device_more_workers|$TO_FAST|--stages load_train_device --workers $WORKERS_MORE"
-    "load_train_device|$TO_FAST|--stages load_train_device"
+    "load_train_device_more_workers|$TO_FAST|--stages load_train_device --workers $WORKERS_MORE $NB"
+    "load_train_device|$TO_FAST|--stages load_train_device $NB"
     "cluster|$TO_SLOW|--stages cluster --cluster-backend auto"
-    "pseudo171_b32|$TO_FAST|--stages pseudo171 --batch $PSEUDO_BATCH --repeats $R_MID"
-    "load_device_decode|$TO_FAST|--stages load_device_decode"
-    "load_extract_device|$TO_FAST|--stages load_extract_device"
+    "pseudo171_b32|$TO_FAST|--stages pseudo171 --batch $PSEUDO_BATCH --repeats $R_MID $NB"
+    "load_device_decode|$TO_FAST|--stages load_device_decode $NB"
+    "load_extract_device|$TO_FAST|--stages load_extract_device $NB"
 )
 
 {
-    echo "# gpu.sh $(date -u +%FT%TZ) quick=${QUICK:-no} commit=$(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+    echo "# gpu.sh $(date -u +%FT%TZ) quick=${QUICK:-no} budget=${BUDGET}s commit=${GPU_SH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo ?)}"
     command -v nvidia-smi >/dev/null && nvidia-smi -L || true
     "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.is_available())'
 } >>"$LOG" 2>&1
 
+SKIPPED=()
+table() {  # the target table and the projection of the lines measured, and the lines the budget skipped
+    echo
+    {
+        "$PY" benchmarks/projection.py "$JSONL"
+        if (( ${#SKIPPED[@]} )); then
+            echo
+            echo "not measured (GPU_SH_BUDGET=${BUDGET} s spent): ${SKIPPED[*]}"
+        fi
+    } | tee "$OUT/table.txt"
+}
+
 fail() {  # the lines measured so far, then the failure (exit 1)
     if [[ -s $JSONL ]]; then
-        echo
-        "$PY" benchmarks/projection.py "$JSONL" | tee "$OUT/table.txt" || true
+        table || true
     fi
     echo "FAILED: $1" >&2
     exit 1
@@ -89,10 +110,30 @@ for entry in "${LINES[@]}"; do
         continue
     fi
     stage=$(sed -E 's/.*--stages ([a-z0-9_]+).*/\1/' <<<"$args")
+    budget_cut=0
+    if (( BUDGET > 0 )); then
+        left=$(( BUDGET - ($(date +%s) - START) ))
+        if (( left < 5 )); then  # not worth starting: the rest is skipped
+            SKIPPED+=("$name")
+            echo "## $name: skipped, budget spent" >>"$LOG"
+            continue
+        fi
+        if (( left < limit )); then
+            limit=$left
+            budget_cut=1
+        fi
+    fi
     t0=$(date +%s.%N)
     echo "## $name: bench.py ${COMMON[*]} $args" >>"$LOG"
+    rc=0
     # shellcheck disable=SC2086
-    if ! timeout "$limit" "$PY" benchmarks/bench.py "${COMMON[@]}" $args >"$LINES_DIR/$name.json" 2>>"$LOG"; then
+    timeout "$limit" "$PY" benchmarks/bench.py "${COMMON[@]}" $args >"$LINES_DIR/$name.json" 2>>"$LOG" || rc=$?
+    if (( rc == 124 && budget_cut )); then  # stopped by the budget, not by its own limit
+        SKIPPED+=("$name")
+        echo "## $name: stopped after ${limit} s, budget spent" >>"$LOG"
+        continue
+    fi
+    if (( rc != 0 )); then
         tail -n 20 "$LOG" >&2
         fail "$name (bench.py stage $stage exited non-zero or ran past ${limit} s; log: $LOG)"
     fi
@@ -109,5 +150,7 @@ for entry in "${LINES[@]}"; do
     echo "## $line" >>"$LOG"
 done
 
-echo
-"$PY" benchmarks/projection.py "$JSONL" | tee "$OUT/table.txt"
+if [[ ! -s $JSONL ]]; then
+    fail "no line measured (GPU_SH_BUDGET=${BUDGET} s)"
+fi
+table

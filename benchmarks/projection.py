@@ -105,6 +105,44 @@ def target_table(rows) -> list[tuple[str, float | None, str, str]]:
     return out
 
 
+# a line whose own row has no baseline takes the last one measured for this stage (bf16 pseudo: the fp32 stage's,
+# the same original per-concept loop)
+BASE_STAGE = {"pseudo27_bf16": "pseudo27", "pseudo171_bf16": "pseudo171"}
+BASELINE_NOTE = ("baseline: the straightforward path of the same maths, measured in the same run (float32, unfused "
+                 "attention; extract: each window cut and resized on its own; pseudo: one backward per concept; train: "
+                 "the encoder run for the teacher and again for the student; loaders: one process; k-means: {kmeans})")
+
+
+def baseline_of(rows, stage: str, field: str, row: dict | None) -> float | None:
+    """The straightforward path's value for a line of the target table: from the line's own row, else from the
+    last row of its stage (or BASE_STAGE's) that measured one; None for fields without a baseline (agreements)
+    and where none was measured. crops_per_s: the baseline's images/s x the crops per image (the same windows)."""
+    if field not in ("img_per_s", "crops_per_s", "seconds"):
+        return None
+    key = "baseline_seconds" if field == "seconds" else "baseline_img_per_s"
+    base = BASE_STAGE.get(stage, stage)
+    for r in ([row] if row else []) + [r for r in reversed(rows) if r.get("stage") == base]:
+        if good(r.get(key)):
+            if field != "crops_per_s":
+                return r[key]
+            return r[key] * r["crops_per_image"] if good(r.get("crops_per_image")) else None
+    return None
+
+
+def baseline_column(rows) -> dict[str, tuple[float | None, float | None]]:
+    """line -> (baseline value, speedup) for every line of TARGETS (speedup: how many times faster this project's
+    path is; (None, None) where no baseline was measured)."""
+    out = {}
+    for line, stage, field, _, kind, filt in TARGETS:
+        row = find(rows, stage, **(filt if isinstance(filt, dict) else {}))
+        value, base = row.get(field) if row else None, baseline_of(rows, stage, field, row)
+        speedup = None
+        if good(value) and base is not None:
+            speedup = value / base if kind == "min" else base / value
+        out[line] = (base, speedup)
+    return out
+
+
 def _target_text(target, kind) -> str:
     return "-" if target is None else (">= " if kind == "min" else "<= ") + f"{target:,.6g}"
 
@@ -175,12 +213,16 @@ def report(rows, args) -> str:
     lines = []
     if rows and str(rows[0].get("device", "")).startswith("cpu"):
         lines.append(f"({QUICK_NOTE})")
-    table = target_table(rows)
+    table, base = target_table(rows), baseline_column(rows)
     w = max(len(t[0]) for t in table)
-    lines.append(f"{'line':<{w}}  {'measured':>12}  {'target':>10}  status")
+    num = lambda x: (f"{x:,.1f}" if x >= 10 else f"{x:.4f}") if good(x) else str(x)  # noqa: E731
+    lines.append(f"{'line':<{w}}  {'measured':>12}  {'baseline':>12}  {'speedup':>7}  {'target':>10}  status")
     for line, value, target, status in table:
-        v = (f"{value:,.1f}" if value >= 10 else f"{value:.4f}") if good(value) else str(value)
-        lines.append(f"{line:<{w}}  {v:>12}  {target:>10}  {status}")
+        b, x = base[line]
+        lines.append(f"{line:<{w}}  {num(value):>12}  {num(b) if b else '-':>12}  "
+                     f"{f'{x:.2f}x' if x else '-':>7}  {target:>10}  {status}")
+    cl = find(rows, "cluster")
+    lines.append("(" + BASELINE_NOTE.format(kmeans=(cl or {}).get("baseline") or "none measured") + ")")
     p = project(rows, args.train_images, args.val_images, args.epochs, args.train_batch, args.niter,
                 pseudo_batch=args.pseudo_batch)
     n = p["notes"]

@@ -70,3 +70,19 @@ def test_quick_benchmark_device_jpeg_decode():
     (row,) = map(json.loads, out.stdout.splitlines())
     assert row["img_per_s"] > 0 and row["baseline_img_per_s"] > 0 and row["size"] == 32
     assert row["mean_abs_diff"] < 1.0
+
+
+def test_cluster_baseline_without_faiss_says_so(monkeypatch):
+    """On a machine without faiss (the GPU machine without its wheel) the torch k-means line still runs, with no
+    baseline time and a `baseline` field that says why."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench
+    from transfgu import cluster
+    monkeypatch.setattr(cluster, "faiss", None)
+    monkeypatch.setattr(bench, "BASELINES", True)
+    import torch
+    sizes = {**bench.SIZES["quick"], "cluster": (2_000, 16, 8, 3)}
+    new, old, extra = bench.bench_cluster(sizes, torch.device("cpu"), 1, backend="torch")
+    assert new > 0 and old is None
+    assert extra["baseline"] == "faiss-cpu: not installed here" and extra["baseline_seconds"] is None
+    assert extra["backend"] == "torch on cpu" and extra["iterations"] == 3

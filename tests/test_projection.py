@@ -92,6 +92,36 @@ def test_target_table_statuses(jsonl):
     assert table["load pseudo/evaluate (JPEG -> R) >= them"] == (1000.0, ">= 1,200", "BELOW")
 
 
+def test_baseline_column_and_speedups():
+    """The baseline column: a line's own baseline, else its stage's last one (bf16 pseudo: the fp32 stage's, the
+    same per-concept loop); crops/s from the baseline's images/s x crops per image; k-means in seconds (speedup =
+    baseline / measured); nothing for agreements or where no row measured a baseline."""
+    rows = [dict(r) for r in ROWS]
+    for r in rows:
+        if r["stage"] == "pseudo171" and r["batch"] == 8 and r["tf32"] == "default":
+            r["baseline_img_per_s"] = 25.0
+        if r["stage"] == "extract":
+            r["baseline_img_per_s"] = 5.0
+        if r["stage"] == "cluster":
+            r.update(baseline="faiss-cpu", baseline_seconds=400.0)
+    col = projection.baseline_column(rows)
+    assert col["pseudo masks fp32, 171 concepts"] == (25.0, pytest.approx(16.0))
+    assert col["pseudo masks fp32, 171, batch 32 (pipeline)"] == (25.0, pytest.approx(20.0))  # no own baseline
+    assert col["pseudo masks bf16, 171 concepts"] == (25.0, pytest.approx(36.0))
+    assert col["pseudo masks bf16, 27 concepts"] == (None, None) and col["evaluate: forward+upsample+argmax+confusion"] == (None, None)
+    assert col["pseudo fp32 171: labels same with TF32 on"] == (None, None)
+    assert col["extract (images at 2R, crops at R)"] == (5.0, pytest.approx(8.0))
+    assert col["extract crops"] == (pytest.approx(300.0), pytest.approx(8.0))
+    assert col["k-means 5M x 384 -> 171, 100 iterations (s)"] == (400.0, pytest.approx(4.0))
+
+    class Args:
+        train_images, val_images, epochs, train_batch, niter, pseudo_batch = 118_287, 5_000, 200, 32, 100, 32
+    report = projection.report(rows, Args)
+    (line,) = [x for x in report.splitlines() if x.startswith("pseudo masks fp32, 171 concepts")]
+    assert line.split()[-6:] == ["400.0", "25.0", "16.00x", ">=", "300", "ok"]
+    assert "k-means: faiss-cpu)" in report
+
+
 def test_check_rejects_missing_nan_and_zero_rates():
     assert projection.check(ROWS, "cluster") is None and projection.check(ROWS, "extract") is None
     assert projection.check([{"stage": "pseudo171", "img_per_s": 5.0, "tf32": "on"}], "pseudo171") is None
@@ -130,10 +160,44 @@ def test_gpu_sh_quick_two_lines(tmp_path):
     assert out.returncode == 0, out.stderr
     rows = projection.load_rows(tmp_path / "out" / "bench.jsonl")
     assert [r["stage"] for r in rows] == ["pseudo27", "cluster"]
-    assert all(r["baseline_img_per_s"] is None for r in rows)  # --no-baseline
+    assert all(r["baseline_img_per_s"] > 0 for r in rows)  # main lines measure their baseline in the same run
     assert (tmp_path / "out" / "log").read_text().count("## pseudo27") >= 2
     assert "full COCO-Stuff-171 run on one cpu" in out.stdout
-    assert (tmp_path / "out" / "table.txt").read_text() in out.stdout
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert table in out.stdout and "not measured" not in table
+    (fp32_27,) = [line for line in table.splitlines() if line.startswith("pseudo masks fp32, 27 concepts")]
+    assert f"{rows[0]['img_per_s'] / rows[0]['baseline_img_per_s']:.2f}x" in fp32_27
+
+
+def test_gpu_sh_variant_lines_skip_the_baseline():
+    """Option and variant lines pass --no-baseline (their baseline is their main line's); main lines do not."""
+    text = GPU_SH.read_text()
+    lines = {e.split("|")[0].strip(' "'): e for e in text[text.index("LINES=("):text.index(")\n", text.index("LINES=("))]
+             .splitlines()[1:]}
+    with_baseline = {n for n, e in lines.items() if "$NB" not in e}
+    assert with_baseline == {"pseudo171", "pseudo27", "evaluate", "train_target", "extract", "load_pseudo",
+                             "load_extract", "load_train", "cluster"}
+
+
+def test_gpu_sh_budget_skips_lines_instead_of_failing(tmp_path):
+    """GPU_SH_BUDGET: the line running when it is spent is stopped and, with every line after it, listed as not
+    measured; the script still writes the table of what it measured and exits 0."""
+    py = tmp_path / "fakepython"
+    py.write_text('#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then\n'
+                  '  if [[ " $* " == *" pseudo171_bf16 "* ]]; then\n'
+                  '    echo \'{"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": "fake card"}\'\n'
+                  f'  else sleep 60; fi\nelse exec {sys.executable} "$@"; fi\n')
+    py.chmod(0o755)
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=60, env=_env(PYTHON=str(py), GPU_SH_BUDGET="8"))
+    assert out.returncode == 0, out.stderr
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "900.0" in table and "full COCO-Stuff-171 run on one fake card" in table
+    (skipped,) = [line for line in table.splitlines() if line.startswith("not measured")]
+    assert skipped.startswith("not measured (GPU_SH_BUDGET=8 s spent): pseudo27_bf16 pseudo171 pseudo27 ")
+    assert skipped.endswith(" load_extract_device")
+    log = (tmp_path / "out" / "log").read_text()
+    assert "## pseudo27_bf16: stopped after" in log and "## pseudo171: skipped, budget spent" in log
 
 
 @pytest.mark.parametrize("fake, message", [
