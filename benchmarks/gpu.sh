@@ -50,30 +50,25 @@ else
     WORKERS_MORE=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))  # all CPUs but two (the stage's process, pinning)
 fi
 
-# line name | per-line timeout (s) | bench.py arguments; the order is the run order. The lines without
-# --no-baseline measure the table's baseline column (the bf16 pseudo lines share the fp32 lines' baseline,
-# the original per-concept loop; a variant line's baseline is its main line's).
+# line name | per-line timeout (s) | bench.py arguments; the order is the run order. A line that names several
+# stages runs them in one process (one torch import and CUDA start-up, about 10 s on the GPU machine, instead
+# of one each). The lines without --no-baseline measure the table's baseline column (the bf16 pseudo lines
+# share the fp32 lines' baseline, the original per-concept loop; a variant line's baseline is its main line's).
 NB=--no-baseline
 LINES=(
-    "pseudo171_bf16|$TO_FAST|--stages pseudo171_bf16 --repeats $R_FAST $NB"
-    "pseudo27_bf16|$TO_FAST|--stages pseudo27_bf16 --repeats $R_FAST $NB"
-    "pseudo171|$TO_FAST|--stages pseudo171 --repeats $R_MID"
-    "pseudo27|$TO_FAST|--stages pseudo27 --repeats $R_MID"
+    "pseudo_bf16|$TO_FAST|--stages pseudo171_bf16 pseudo27_bf16 --repeats $R_FAST $NB"
+    "pseudo_fp32|$TO_FAST|--stages pseudo171 pseudo27 --repeats $R_MID"
     "evaluate|$TO_FAST|--stages evaluate --repeats $R_FAST"
     "train_target|$TO_FAST|--stages train --train-batch $TRAIN_TARGET --repeats $R_MID"
     "extract|$TO_FAST|--stages extract --repeats $R_SLOW"
-    "extract_tf32|$TO_FAST|--stages extract --repeats $R_SLOW --tf32 on $NB"
-    "train_pipeline|$TO_FAST|--stages train --train-batch 32 --repeats $R_FAST $NB"
-    "pseudo171_tf32|$TO_FAST|--stages pseudo171 --repeats $R_MID --tf32 on $NB"
-    "load_pseudo|$TO_FAST|--stages load_pseudo"
-    "load_extract|$TO_FAST|--stages load_extract"
-    "load_train|$TO_FAST|--stages load_train"
-    "load_train_device_more_workers|$TO_FAST|--stages load_train_device --workers $WORKERS_MORE $NB"
-    "load_train_device|$TO_FAST|--stages load_train_device $NB"
+    "load_host|$TO_FAST|--stages load_pseudo load_extract load_train"
     "cluster|$TO_SLOW|--stages cluster --cluster-backend auto"
+    "train_pipeline|$TO_FAST|--stages train --train-batch 32 --repeats $R_FAST $NB"
     "pseudo171_b32|$TO_FAST|--stages pseudo171 --batch $PSEUDO_BATCH --repeats $R_MID $NB"
-    "load_device_decode|$TO_FAST|--stages load_device_decode $NB"
-    "load_extract_device|$TO_FAST|--stages load_extract_device $NB"
+    "load_train_device_more_workers|$TO_FAST|--stages load_train_device --workers $WORKERS_MORE $NB"
+    "load_device|$TO_FAST|--stages load_train_device load_extract_device load_device_decode $NB"
+    "extract_tf32|$TO_FAST|--stages extract --repeats $R_SLOW --tf32 on $NB"
+    "pseudo171_tf32|$TO_FAST|--stages pseudo171 --repeats $R_MID --tf32 on $NB"
 )
 
 {
@@ -103,13 +98,22 @@ fail() {  # the lines measured so far, then the failure (exit 1)
 }
 
 START=$(date +%s)
-printf '%-20s %8s %8s\n' line seconds total
+printf '%-32s %8s %8s\n' line seconds total
 for entry in "${LINES[@]}"; do
     IFS='|' read -r name limit args <<<"$entry"
     if [[ -n ${GPU_SH_ONLY:-} && " $GPU_SH_ONLY " != *" $name "* ]]; then
         continue
     fi
-    stage=$(sed -E 's/.*--stages ([a-z0-9_]+).*/\1/' <<<"$args")
+    read -ra words <<<"$args"
+    stages=()  # the words after --stages, up to the next option
+    in_stages=0
+    for w in "${words[@]}"; do
+        if [[ $w == --* ]]; then
+            in_stages=$([[ $w == --stages ]] && echo 1 || echo 0)
+        elif (( in_stages )); then
+            stages+=("$w")
+        fi
+    done
     budget_cut=0
     if (( BUDGET > 0 )); then
         left=$(( BUDGET - ($(date +%s) - START) ))
@@ -128,6 +132,7 @@ for entry in "${LINES[@]}"; do
     rc=0
     # shellcheck disable=SC2086
     timeout "$limit" "$PY" benchmarks/bench.py "${COMMON[@]}" $args >"$LINES_DIR/$name.json" 2>>"$LOG" || rc=$?
+    grep -E '^\{.*\}$' "$LINES_DIR/$name.json" >>"$JSONL" || true  # every stage that finished, even if a later one did not
     if (( rc == 124 && budget_cut )); then  # stopped by the budget, not by its own limit
         SKIPPED+=("$name")
         echo "## $name: stopped after ${limit} s, budget spent" >>"$LOG"
@@ -135,17 +140,18 @@ for entry in "${LINES[@]}"; do
     fi
     if (( rc != 0 )); then
         tail -n 20 "$LOG" >&2
-        fail "$name (bench.py stage $stage exited non-zero or ran past ${limit} s; log: $LOG)"
+        fail "$name (bench.py --stages ${stages[*]} exited non-zero or ran past ${limit} s; log: $LOG)"
     fi
-    cat "$LINES_DIR/$name.json" >>"$JSONL"
-    if ! why=$("$PY" benchmarks/projection.py "$LINES_DIR/$name.json" --check "$stage" 2>&1); then
-        cat "$LINES_DIR/$name.json" >&2
-        echo "$why" | tee -a "$LOG" >&2
-        fail "$name (stage $stage: no finite positive rate)"
-    fi
+    for stage in "${stages[@]}"; do
+        if ! why=$("$PY" benchmarks/projection.py "$LINES_DIR/$name.json" --check "$stage" 2>&1); then
+            cat "$LINES_DIR/$name.json" >&2
+            echo "$why" | tee -a "$LOG" >&2
+            fail "$name (stage $stage: no finite positive rate)"
+        fi
+    done
     t1=$(date +%s.%N)
     line=$(awk -v n="$name" -v a="$t0" -v b="$t1" -v t="$(($(date +%s) - START))" \
-        'BEGIN { printf "%-20s %8.1f %8d", n, b - a, t }')
+        'BEGIN { printf "%-32s %8.1f %8d", n, b - a, t }')
     echo "$line"
     echo "## $line" >>"$LOG"
 done

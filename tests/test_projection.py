@@ -156,17 +156,17 @@ def test_gpu_sh_syntax():
 def test_gpu_sh_quick_two_lines(tmp_path):
     """The --quick path end to end on two lines: JSON lines, log, per-line times and the final table."""
     out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
-                         timeout=300, env=_env(PYTHON=sys.executable, GPU_SH_ONLY="pseudo27 cluster"))
+                         timeout=300, env=_env(PYTHON=sys.executable, GPU_SH_ONLY="pseudo_fp32 cluster"))
     assert out.returncode == 0, out.stderr
     rows = projection.load_rows(tmp_path / "out" / "bench.jsonl")
-    assert [r["stage"] for r in rows] == ["pseudo27", "cluster"]
+    assert [r["stage"] for r in rows] == ["pseudo171", "pseudo27", "cluster"]  # a line can run several stages
     assert all(r["baseline_img_per_s"] > 0 for r in rows)  # main lines measure their baseline in the same run
-    assert (tmp_path / "out" / "log").read_text().count("## pseudo27") >= 2
+    assert (tmp_path / "out" / "log").read_text().count("## pseudo_fp32") >= 2
     assert "full COCO-Stuff-171 run on one cpu" in out.stdout
     table = (tmp_path / "out" / "table.txt").read_text()
     assert table in out.stdout and "not measured" not in table
     (fp32_27,) = [line for line in table.splitlines() if line.startswith("pseudo masks fp32, 27 concepts")]
-    assert f"{rows[0]['img_per_s'] / rows[0]['baseline_img_per_s']:.2f}x" in fp32_27
+    assert f"{rows[1]['img_per_s'] / rows[1]['baseline_img_per_s']:.2f}x" in fp32_27
 
 
 def test_gpu_sh_variant_lines_skip_the_baseline():
@@ -175,8 +175,7 @@ def test_gpu_sh_variant_lines_skip_the_baseline():
     lines = {e.split("|")[0].strip(' "'): e for e in text[text.index("LINES=("):text.index(")\n", text.index("LINES=("))]
              .splitlines()[1:]}
     with_baseline = {n for n, e in lines.items() if "$NB" not in e}
-    assert with_baseline == {"pseudo171", "pseudo27", "evaluate", "train_target", "extract", "load_pseudo",
-                             "load_extract", "load_train", "cluster"}
+    assert with_baseline == {"pseudo_fp32", "evaluate", "train_target", "extract", "load_host", "cluster"}
 
 
 def test_gpu_sh_budget_skips_lines_instead_of_failing(tmp_path):
@@ -186,6 +185,7 @@ def test_gpu_sh_budget_skips_lines_instead_of_failing(tmp_path):
     py.write_text('#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then\n'
                   '  if [[ " $* " == *" pseudo171_bf16 "* ]]; then\n'
                   '    echo \'{"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": "fake card"}\'\n'
+                  '    echo \'{"stage": "pseudo27_bf16", "img_per_s": 950.0, "device": "fake card"}\'\n'
                   f'  else sleep 60; fi\nelse exec {sys.executable} "$@"; fi\n')
     py.chmod(0o755)
     out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out")], capture_output=True, text=True,
@@ -194,15 +194,15 @@ def test_gpu_sh_budget_skips_lines_instead_of_failing(tmp_path):
     table = (tmp_path / "out" / "table.txt").read_text()
     assert "900.0" in table and "full COCO-Stuff-171 run on one fake card" in table
     (skipped,) = [line for line in table.splitlines() if line.startswith("not measured")]
-    assert skipped.startswith("not measured (GPU_SH_BUDGET=8 s spent): pseudo27_bf16 pseudo171 pseudo27 ")
-    assert skipped.endswith(" load_extract_device")
+    assert skipped.startswith("not measured (GPU_SH_BUDGET=8 s spent): pseudo_fp32 evaluate train_target ")
+    assert skipped.endswith(" pseudo171_tf32")
     log = (tmp_path / "out" / "log").read_text()
-    assert "## pseudo27_bf16: stopped after" in log and "## pseudo171: skipped, budget spent" in log
+    assert "## pseudo_fp32: stopped after" in log and "## evaluate: skipped, budget spent" in log
 
 
 @pytest.mark.parametrize("fake, message", [
-    ('echo boom >&2; exit 3', "FAILED: pseudo171_bf16 (bench.py stage pseudo171_bf16 exited non-zero"),
-    ('echo \'{"stage": "pseudo171_bf16", "img_per_s": NaN}\'', "FAILED: pseudo171_bf16 (stage pseudo171_bf16: no finite"),
+    ('echo boom >&2; exit 3', "FAILED: pseudo_bf16 (bench.py --stages pseudo171_bf16 pseudo27_bf16 exited non-zero"),
+    ('echo \'{"stage": "pseudo171_bf16", "img_per_s": NaN}\'', "FAILED: pseudo_bf16 (stage pseudo171_bf16: no finite"),
 ])
 def test_gpu_sh_fails_loudly_with_the_stage_name(tmp_path, fake, message):
     """A bench.py that errors, or prints a NaN rate, stops the script with the line's name (exit 1)."""
@@ -218,18 +218,23 @@ def test_gpu_sh_fails_loudly_with_the_stage_name(tmp_path, fake, message):
 
 
 def test_gpu_sh_failure_after_a_line_still_prints_its_table(tmp_path):
-    """A line that fails after others succeeded: the table of what was measured, then FAILED with the name."""
+    """A line that fails after others succeeded, itself after one of its stages printed its line: the table of
+    everything measured (that stage included), then FAILED with the line's name and stages."""
     py = tmp_path / "fakepython"
     py.write_text('#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then\n'
                   '  if [[ " $* " == *" pseudo171_bf16 "* ]]; then\n'
                   '    echo \'{"stage": "pseudo171_bf16", "img_per_s": 900.0, "device": "fake card"}\'\n'
+                  '    echo \'{"stage": "pseudo27_bf16", "img_per_s": 950.0, "device": "fake card"}\'\n'
+                  '  elif [[ " $* " == *" pseudo171 "* ]]; then\n'
+                  '    echo \'{"stage": "pseudo171", "img_per_s": 250.0, "batch": 8, "device": "fake card"}\'; exit 3\n'
                   f'  else exit 3; fi\nelse exec {sys.executable} "$@"; fi\n')
     py.chmod(0o755)
     out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out")], capture_output=True, text=True,
                          timeout=120, env=_env(PYTHON=str(py)))
-    assert out.returncode == 1 and "FAILED: pseudo27_bf16 (bench.py stage pseudo27_bf16" in out.stderr
+    assert out.returncode == 1 and "FAILED: pseudo_fp32 (bench.py --stages pseudo171 pseudo27 exited" in out.stderr
     assert "full COCO-Stuff-171 run on one fake card" in out.stdout
-    assert "900.0" in (tmp_path / "out" / "table.txt").read_text()
+    table = (tmp_path / "out" / "table.txt").read_text()
+    assert "900.0" in table and "950.0" in table and "250.0" in table
 
 
 def test_projection_with_device_decode_uses_the_device_loaders(jsonl):
