@@ -13,6 +13,8 @@
 # number. Cheap and most important lines run first. GPU_SH_BUDGET (seconds; default 330, none with --quick)
 # caps the whole loop: a line that would start or run past it is skipped, not failed, and the table names the
 # lines skipped, so that an outer `timeout` never has to kill the script before it writes its table.
+# GPU_SH_WHEELS=DIR installs DIR's wheels (pip --no-index --no-deps) into a temporary folder on PYTHONPATH for
+# this run: the faiss-cpu wheel gives the k-means line its baseline on a machine without faiss.
 # GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides python3. GPU_SH_COMMIT names the
 # commit in the log (a copied checkout's HEAD can be older than its files). The k-means baseline is
 # faiss-cpu: without faiss on the machine its line says so and the column stays empty (carry the wheel).
@@ -38,6 +40,23 @@ LINES_DIR=$(mktemp -d "${TMPDIR:-/tmp}/gpu_sh.XXXXXX")  # one JSON file per line
 trap 'rm -rf "$LINES_DIR"' EXIT
 : >"$JSONL"
 : >"$LOG"
+if [[ -n ${GPU_SH_WHEELS:-} ]]; then  # carried wheels (faiss-cpu for the k-means baseline), for this run only
+    shopt -s nullglob
+    wheels=("$GPU_SH_WHEELS"/*.whl)
+    shopt -u nullglob
+    if (( ! ${#wheels[@]} )); then
+        echo "GPU_SH_WHEELS=$GPU_SH_WHEELS: no .whl file there" >&2
+        exit 2
+    fi
+    if ! "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$LINES_DIR/site" \
+            "${wheels[@]}" >>"$LOG" 2>&1; then
+        tail -n 5 "$LOG" >&2
+        echo "FAILED: installing the wheels of GPU_SH_WHEELS=$GPU_SH_WHEELS (log: $LOG)" >&2
+        exit 1
+    fi
+    export PYTHONPATH="$PYTHONPATH:$LINES_DIR/site"  # after the checkout and what was already there
+    echo "# wheels: ${wheels[*]##*/}" >>"$LOG"
+fi
 
 if [[ -n $QUICK ]]; then
     COMMON=(--quick --repeats 1)

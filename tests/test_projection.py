@@ -254,3 +254,46 @@ def test_projection_with_device_decode_uses_the_device_loaders(jsonl):
     assert "with decode: device" not in projection.report(rows, Args)
     report = projection.report(device, Args)
     assert f"full COCO-Stuff-171 run on one {CARD} with decode: device: extract n/a" in report
+
+
+def _wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel holding gpushprobe.VALUE = 42."""
+    import zipfile
+    path = folder / "gpushprobe-0.1-py3-none-any.whl"
+    info = "gpushprobe-0.1.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("gpushprobe.py", "VALUE = 42\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpushprobe\nVersion: 0.1\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", f"gpushprobe.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n")
+    return path
+
+
+def test_gpu_sh_installs_carried_wheels_for_the_run(tmp_path):
+    """GPU_SH_WHEELS: its wheels are importable by every bench.py process of the run (here a fake bench that
+    reports a value read from the installed module), installed nowhere but a temporary folder; a folder without
+    wheels is refused before anything runs."""
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _wheel(wheels)
+    py = tmp_path / "fakepython"
+    probe = ("import gpushprobe, json; [print(json.dumps({'stage': s, 'img_per_s': float(gpushprobe.VALUE), "
+             "'device': 'fake card'})) for s in ('pseudo171_bf16', 'pseudo27_bf16')]")
+    py.write_text(f'#!/usr/bin/env bash\nif [[ $1 == benchmarks/bench.py ]]; then exec {sys.executable} -c "{probe}"; '
+                  f'else exec {sys.executable} "$@"; fi\n')
+    py.chmod(0o755)
+    (tmp_path / "tmp").mkdir()
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                         env=_env(PYTHON=str(py), GPU_SH_ONLY="pseudo_bf16", GPU_SH_WHEELS=str(wheels),
+                                  TMPDIR=str(tmp_path / "tmp")))
+    assert out.returncode == 0, out.stderr
+    rows = projection.load_rows(tmp_path / "out" / "bench.jsonl")
+    assert [r["img_per_s"] for r in rows] == [42.0, 42.0]
+    assert "# wheels: gpushprobe-0.1-py3-none-any.whl" in (tmp_path / "out" / "log").read_text()
+    assert not list((tmp_path / "tmp").iterdir())  # the install lived in the run's temporary folder, now gone
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out2")], capture_output=True, text=True, timeout=60,
+                         env=_env(PYTHON=str(py), GPU_SH_WHEELS=str(empty)))
+    assert out.returncode == 2 and f"GPU_SH_WHEELS={empty}: no .whl file there" in out.stderr
+    assert not (tmp_path / "out2" / "bench.jsonl").read_text()
