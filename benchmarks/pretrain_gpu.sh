@@ -22,7 +22,8 @@
 #   5. copies into OUTDIR: the checkpoint and the teacher file, the loss curve and pretraining summary, each
 #      granularity's metrics.json, pseudo_metrics.json, per_class_iou.csv and train_log.csv, the params files,
 #      summary.json (one JSON line, also printed last) and pretrain_gpu.log (everything printed).
-# Environment: PYTHON (default python3), PRETRAIN_SECONDS, PRETRAIN_BATCH (default 1024) and PRETRAIN_LR (default
+# Environment: PYTHON (default python3), PRETRAIN_LAYOUT (the generator's layout of the pretraining images:
+# scenes, as the pipeline's sets, or objects, one large central thing per image), PRETRAIN_SECONDS, PRETRAIN_BATCH (default 1024) and PRETRAIN_LR (default
 # 0.0005 x batch / 256), PRETRAIN_EXTRA (more `transfgu pretrain` options,
 # e.g. "--compile"), WORK (scratch folder; default a new temporary one, removed at the end unless KEEP_WORK=1),
 # PIPELINE=0 (stop after step 3: pretrain only, e.g. several recipes side by side on one GPU, the pipeline then run
@@ -33,6 +34,8 @@ usage() { echo "usage: bash benchmarks/pretrain_gpu.sh OUTDIR [--quick]" >&2; ex
 [[ $# -ge 1 && $# -le 2 ]] || usage
 QUICK=0
 if [[ $# -eq 2 ]]; then [[ $2 == --quick ]] || usage; QUICK=1; fi
+LAYOUT=${PRETRAIN_LAYOUT:-scenes}
+case $LAYOUT in scenes|objects) ;; *) echo "PRETRAIN_LAYOUT=$LAYOUT: expected scenes or objects" >&2; exit 2;; esac
 mkdir -p "$1"
 OUTDIR=$(cd "$1" && pwd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -87,13 +90,14 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, cuda {tor
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""), flush=True)
 EOF
 
-stamp "1. pretraining scenes: $SETS sets x $PER_SET at $SCENE px (seeds 101..)"
-"$PY" - "$SETS" "$PER_SET" "$SCENE" <<'EOF'
+stamp "1. pretraining scenes: $SETS sets x $PER_SET at $SCENE px (seeds 101..), layout $LAYOUT"
+"$PY" - "$SETS" "$PER_SET" "$SCENE" "$LAYOUT" <<'EOF'
 import sys
 from multiprocessing import Pool
 from transfgu.data.synthetic import write_synthetic_dataset
-sets, per, size = map(int, sys.argv[1:])
-jobs = [(f"pretrain_data/set{s}", per, 0, size, s) for s in range(101, 101 + sets)]
+sets, per, size = map(int, sys.argv[1:4])
+layout = sys.argv[4]
+jobs = [(f"pretrain_data/set{s}", per, 0, size, s, layout) for s in range(101, 101 + sets)]
 with Pool(min(sets, 16)) as pool:
     pool.starmap(write_synthetic_dataset, jobs)
 EOF
@@ -159,13 +163,13 @@ done
 unset TRANSFGU_PARAMS
 
 stamp "5. summary"
-"$PY" - "$OUTDIR" "$(( $(date +%s) - T0 ))" "$QUICK" "${GRANULARITIES[*]+${GRANULARITIES[*]}}" <<'EOF'
+"$PY" - "$OUTDIR" "$(( $(date +%s) - T0 ))" "$QUICK" "${GRANULARITIES[*]+${GRANULARITIES[*]}}" "$LAYOUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out, wall, quick = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 granularities = [int(g) for g in sys.argv[4].split()]
 pre = json.loads((out / "dino_vit_mini8_synthetic.pth.summary.json").read_text())
-s = {"quick": quick, "wall_s": wall, "pretrain": {k: pre[k] for k in (
+s = {"quick": quick, "wall_s": wall, "layout": sys.argv[5], "pretrain": {k: pre[k] for k in (
     "steps_planned", "steps_done", "completed", "stopped_by", "images", "batch_size", "images_per_s", "loss_first",
     "loss_last", "train_s", "teacher_mb", "device", "amp", "compile")}}
 for g in granularities:

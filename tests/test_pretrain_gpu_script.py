@@ -1,6 +1,7 @@
 """benchmarks/pretrain_gpu.sh: the GPU session's one command. Its --quick path runs end to end on a 2-core CPU in
 about 2.5 minutes (too long for the suite: README, "Pretraining a backbone", has that dry run); here: the script
 parses, refuses bad arguments before doing anything, and keeps the options of `transfgu pretrain` it uses."""
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,6 +23,10 @@ def test_script_refuses_bad_arguments(tmp_path):
     for args in ([], [str(tmp_path / "o"), "--fast"], [str(tmp_path / "o"), "--quick", "x"]):
         proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and "usage:" in proc.stderr, args
+    assert not (tmp_path / "o").exists()
+    proc = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "o"), "--quick"], capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "PRETRAIN_LAYOUT": "mosaic"})
+    assert proc.returncode == 2 and "PRETRAIN_LAYOUT=mosaic: expected scenes or objects" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 

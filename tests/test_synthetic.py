@@ -184,13 +184,52 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     calls = {"n": 0}
     real = synthetic.generate_scene
 
-    def flaky(rng, size):
+    def flaky(rng, size, layout="scenes"):
         calls["n"] += 1
         if calls["n"] > 3:
             raise KeyboardInterrupt
-        return real(rng, size)
+        return real(rng, size, layout)
 
     monkeypatch.setattr(synthetic, "generate_scene", flaky)
     with pytest.raises(KeyboardInterrupt):
         write_synthetic_dataset(tmp_path / "ds", n_train=5, n_val=2, size=16, seed=0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_object_layout_one_large_central_thing():
+    """layout='objects' (pretraining only): exactly one thing kind per image, covering more of it than the largest
+    thing kind of a scene does, its pixels centred; the same stuff kinds around it; deterministic; the default layout
+    is the scenes' (same draws as before the option existed)."""
+    rng = np.random.default_rng(5)
+    objects = [generate_scene(rng, 64, "objects") for _ in range(60)]
+    for _, label in objects:
+        kinds = np.unique(label[label < N_THING])
+        assert len(kinds) == 1
+    share = np.mean([(label < N_THING).mean() for _, label in objects])
+    largest = np.mean([max((label == k).mean() for k in range(N_THING)) for _, label in _scenes(5, 60)])
+    assert share > 0.2 and share > largest + 0.03, (share, largest)  # the scenes' largest thing kind: about 0.21
+    centre = np.mean([np.argwhere(label < N_THING).mean(0) for _, label in objects], axis=0)
+    assert np.all(np.abs(centre - 31.5) < 4), centre
+    assert {int(k) for _, label in objects for k in np.unique(label[label >= N_THING])} == set(range(N_THING, N_FINE))
+    again = generate_scene(np.random.default_rng(5), 64, "objects")
+    np.testing.assert_array_equal(again[0], objects[0][0])
+    a, b = generate_scene(np.random.default_rng(9), 32), generate_scene(np.random.default_rng(9), 32, "scenes")
+    np.testing.assert_array_equal(a[0], b[0])
+    with pytest.raises(ValueError, match="layout must be one of"):
+        generate_scene(np.random.default_rng(0), 32, "mosaic")
+
+
+def test_write_object_layout_dataset(tmp_path):
+    """write_synthetic_dataset(layout='objects'): meta.json names the layout (and a scenes set of the same size
+    and seed is rebuilt, not reused); the files hold the object scenes of the usual streams."""
+    meta = write_synthetic_dataset(tmp_path / "o", n_train=2, n_val=0, size=32, seed=3, layout="objects")
+    assert meta["layout"] == "objects"
+    img0, _ = generate_scene(np.random.default_rng([3, 0]), 32, "objects")
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "images" / "train" / "00000.png")), img0)
+    scenes = write_synthetic_dataset(tmp_path / "o", n_train=2, n_val=0, size=32, seed=3)
+    assert "layout" not in scenes and json.loads((tmp_path / "o" / "meta.json").read_text()) == scenes
+    img0, _ = generate_scene(np.random.default_rng([3, 0]), 32)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "o" / "images" / "train" / "00000.png")), img0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        write_synthetic_dataset(tmp_path / "x", n_train=1, n_val=0, size=16, seed=0, layout="mosaic")
+    assert not (tmp_path / "x").exists()

@@ -294,8 +294,17 @@ def _stuff_regions(rng: Rng, x: Array, y: Array) -> tuple[Array, int]:
     return regions, n
 
 
-def generate_scene(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """RGB uint8 (size, size, 3) and label uint8 (size, size) with fine ids 0..11 (every pixel labelled)."""
+LAYOUTS = ("scenes", "objects")
+
+
+def generate_scene(rng: Rng, size: int, layout: str = "scenes") -> tuple[np.ndarray, np.ndarray]:
+    """RGB uint8 (size, size, 3) and label uint8 (size, size) with fine ids 0..11 (every pixel labelled).
+
+    layout 'scenes' (the datasets): 2-4 things of 30-70 % of the side anywhere. 'objects': one thing of
+    50-85 % of the side near the centre, on the same stuff backgrounds, like the object-centric photos of the
+    sets DINO is pretrained on (ImageNet) next to the scenes it is applied to (COCO); for pretraining only."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     coords = (np.arange(size, dtype=np.float64) + 0.5) / size
     y, x = np.meshgrid(coords, coords, indexing="ij")
     image = np.zeros((size, size, 3), dtype=np.float64)
@@ -310,11 +319,12 @@ def generate_scene(rng: Rng, size: int) -> tuple[np.ndarray, np.ndarray]:
         label[mask] = kind_id
 
     # Things, drawn in order so later ones occlude earlier ones.
-    for _ in range(int(rng.integers(2, 5))):
+    objects = layout == "objects"
+    for _ in range(1 if objects else int(rng.integers(2, 5))):
         kind_id = int(rng.integers(0, NUM_THING_KINDS))
         kind = KINDS[kind_id]
-        radius = 0.5 * rng.uniform(0.3, 0.7)  # diameter 30%-70% of the side
-        cx, cy = rng.uniform(0.05, 0.95, size=2)
+        radius = 0.5 * (rng.uniform(0.5, 0.85) if objects else rng.uniform(0.3, 0.7))  # diameter, part of the side
+        cx, cy = rng.uniform(0.4, 0.6, size=2) if objects else rng.uniform(0.05, 0.95, size=2)
         angle = rng.uniform(0, TWO_PI)
         # Work inside the object's bounding box only.
         reach = _SHAPE_EXTENT * radius
@@ -345,8 +355,10 @@ def _read_meta(path: Path) -> dict | None:
         return None
 
 
-def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: int, seed: int) -> dict:
+def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: int, seed: int,
+                            layout: str = "scenes") -> dict:
     """Write a synthetic dataset to ``root`` (PNG images, 'L' label PNGs, meta.json); returns the meta dict.
+    ``layout``: see `generate_scene` (meta.json names it when it is not 'scenes').
 
     Layout: ``root/images/{train,val}/NNNNN.png``, ``root/labels/{train,val}/NNNNN.png``
     and ``root/meta.json``.  Does nothing if ``root/meta.json`` already matches.
@@ -361,7 +373,10 @@ def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: in
         "size": int(size),
         "seed": int(seed),
         "class_names": list(FINE_CLASS_NAMES),
+        **({"layout": layout} if layout != "scenes" else {}),
     }
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     if _read_meta(root / "meta.json") == meta:
         return meta
 
@@ -377,7 +392,7 @@ def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: in
             lab_dir.mkdir(parents=True)
             rng = np.random.default_rng([seed, stream])
             for i in progress(range(count), desc=f"synthetic {split}", unit="img", disable=count == 0):
-                rgb, label = generate_scene(rng, size)
+                rgb, label = generate_scene(rng, size, layout)
                 Image.fromarray(rgb).save(img_dir / f"{i:05d}.png", compress_level=1)
                 Image.fromarray(label).save(lab_dir / f"{i:05d}.png", compress_level=1)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
