@@ -16,6 +16,7 @@
 #   3. `transfgu pretrain` (vit_mini, patch 8, 64 px global / 32 px local crops, batch 1,024 at lr 2e-3 (DINO's
 #      0.0005 x batch / 256), bf16, images kept on the GPU), writing the checkpoint and the teacher-backbone-only
 #      file to ship;
+#   3b. benchmarks/backbone_probe.py on the teacher and the random backbone (the quick signals, probe.jsonl);
 #   4. the default pipeline (python stages/launch.py prepare ... evaluate, no dvc) with backbone.checkpoint =
 #      the new teacher, at granularity 6 and 12, in a scratch copy of the code (the repository's outputs/ and
 #      data/ are not touched);
@@ -60,14 +61,14 @@ if [[ $QUICK == 1 ]]; then
     SETS=2; PER_SET=24; SCENE=64
     PRE=(--image-size 64 --global-size 32 --local-size 16 --n-local 2 --batch-size 16 --out-dim 64
          --hidden-dim 64 --bottleneck-dim 32)
-    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-20}; MIN_STEPS=20; MAX_STEPS=60; PROBE=5
+    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-20}; MIN_STEPS=20; MAX_STEPS=60; PROBE=5; PROBE_IMAGES=16
     PIPE='{"n_train": 40, "n_val": 16, "epochs": 2}'
 else
     SETS=16; PER_SET=1000; SCENE=128
     BATCH=${PRETRAIN_BATCH:-1024}
     PRE=(--image-size 128 --global-size 64 --local-size 32 --n-local 4 --batch-size "$BATCH" --out-dim 1024
          --hidden-dim 1024 --bottleneck-dim 256 --amp --lr "${PRETRAIN_LR:-$("$PY" -c "print(5e-4 * $BATCH / 256)")}")
-    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-200}; MIN_STEPS=300; MAX_STEPS=20000; PROBE=30
+    PRETRAIN_SECONDS=${PRETRAIN_SECONDS:-200}; MIN_STEPS=300; MAX_STEPS=20000; PROBE=30; PROBE_IMAGES=200
     PIPE='{}'
 fi
 read -r -a EXTRA <<<"${PRETRAIN_EXTRA:-}"
@@ -132,6 +133,9 @@ mb = os.path.getsize('$TEACHER') / 2 ** 20
 print(f'teacher file {mb:.2f} MB')
 sys.exit(0 if mb <= 20 else 'the teacher file is over 20 MB')"
 
+stamp "3b. quick signals of the teacher against the random backbone (benchmarks/backbone_probe.py)"
+"$PY" "$REPO/benchmarks/backbone_probe.py" random "$TEACHER" --images "$PROBE_IMAGES" | tee "$OUTDIR/probe.jsonl"
+
 GRANULARITIES=(6 12)
 [[ ${PIPELINE:-1} == 0 ]] && GRANULARITIES=()
 for G in ${GRANULARITIES[@]+"${GRANULARITIES[@]}"}; do
@@ -172,6 +176,10 @@ pre = json.loads((out / "dino_vit_mini8_synthetic.pth.summary.json").read_text()
 s = {"quick": quick, "wall_s": wall, "layout": sys.argv[5], "pretrain": {k: pre[k] for k in (
     "steps_planned", "steps_done", "completed", "stopped_by", "images", "batch_size", "images_per_s", "loss_first",
     "loss_last", "train_s", "teacher_mb", "device", "amp", "compile")}}
+probes = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines() if line.strip()]
+keys = ("attention_foreground_thing_share", "thing_share", "attention_foreground_thing_share_2r",
+        "thing_crop_precision", "thing_crop_purity", "thing_crop_purity_chance", "crop_purity", "crop_purity_chance")
+s["probe"] = {("random" if r["checkpoint"] == "random" else "teacher"): {k: r[k] for k in keys} for r in probes}
 for g in granularities:
     m = json.loads((out / f"g{g}" / "metrics.json").read_text())
     p = json.loads((out / f"g{g}" / "pseudo_metrics.json").read_text())
