@@ -14,7 +14,8 @@ pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp
 to R): one gather and one F.interpolate per window size against a slice + F.interpolate per window. The
 load_* stages time the data loading of the extract, pseudo and train stages on JPEG files (and the
 pseudo-mask HDF5 for train): DataLoader workers + pinned memory against one process; load_device_decode
-times an optional path (workers read JPEG bytes, torchvision decodes them on the device) against that loader.
+times the `decode: device` loader at R (workers read JPEG bytes, torchvision decodes them on the device)
+against the host loader.
 
 --no-baseline times only this project's path (benchmarks/gpu.sh, the GPU target table); --batch and
 --train-batch set the pseudo and train batches; --tf32 on|off sets CUDA's float32 matmul / convolution mode
@@ -581,54 +582,23 @@ def random_vectors(n: int, d: int, device) -> np.ndarray:
     return np.random.default_rng(0).standard_normal((n, d), dtype=np.float32)
 
 
-class JpegBytes(torch.utils.data.Dataset):
-    """The train split's JPEG files as raw bytes (uint8 numpy arrays, pickled to the main process: torch
-    tensors would each travel as a shared-memory file descriptor): the workers only read, the device decodes."""
-
-    def __init__(self, index: dict):
-        self.paths = [Path(index["root"]) / e["image"] for e in index["splits"]["train"]]
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return np.fromfile(self.paths[i], dtype=np.uint8)
-
-
-def decode_resize(raw: list, size: int, device) -> torch.Tensor:
-    """JPEG bytes decoded on `device` (nvJPEG on CUDA, one batched call) and resized to (size, size) with an
-    antialiased bilinear filter (as PIL's BILINEAR resize, which the loaders use): uint8 (B, 3, size, size)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-    images = decode_jpeg([torch.from_numpy(r) for r in raw], mode=ImageReadMode.RGB, device=device)
-    return torch.stack([F.interpolate(im[None].float(), size=(size, size), mode="bilinear", antialias=True,
-                                      align_corners=False)[0] for im in images]).round_().clamp_(0, 255).byte()
-
-
 def bench_load_device_decode(s, device, repeats):
-    """A possible loader path, not the pipeline's: DataLoader workers read the JPEG bytes only, the device
-    decodes (torchvision.io.decode_jpeg, nvJPEG on CUDA) and resizes to R; against the pipeline's loader
-    (PIL decode + resize in the workers, pinned memory) on the same files. `mean_abs_diff`: mean absolute
-    difference to the PIL images in uint8 levels."""
-    from transfgu.data.images import load_rgb
+    """The pseudo and evaluate loader at R with `decode: device`: DataLoader workers read the JPEG bytes only,
+    the device decodes them (torchvision.io.decode_jpeg, nvJPEG on CUDA) and resizes to R
+    (transfgu.data.images.decode_resize); against the host loader (PIL decode + resize in the workers, pinned
+    memory) on the same files. `mean_abs_diff`: mean absolute difference to the PIL images in uint8 levels."""
+    from transfgu.data.images import decode_resize, load_rgb, read_bytes
     with tempfile.TemporaryDirectory() as tmp:
         index = jpeg_split(Path(tmp), s["load_images"])
         batch, size = s["batch"] * 4, s["R"]
-        loader = torch.utils.data.DataLoader(JpegBytes(index), batch_size=batch, num_workers=s["workers"],
-                                             collate_fn=list, persistent_workers=s["workers"] > 0)
-        for raw in loader:  # warm-up pass: workers started, files in the page cache, decoder initialised
-            first = decode_resize(raw, size, device)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(2):
-            for raw in loader:
-                decode_resize(raw, size, device)
-        sync(device)
-        new = 2 * len(loader.dataset) / (time.perf_counter() - t0)
-        pil = torch.stack([load_rgb(p, size) for p in loader.dataset.paths[-len(first):]])
-        diff = (first.cpu().float() - pil.float()).abs().mean().item()
+        new = loader_throughput(SplitDataset(index, "train", size, decode="device"), batch, s["workers"], device)
+        paths = [Path(tmp) / e["image"] for e in index["splits"]["train"][-batch:]]
+        decoded = decode_resize([read_bytes(p) for p in paths], size, device)
+        pil = torch.stack([load_rgb(p, size) for p in paths])
+        diff = (decoded.cpu().float() - pil.float()).abs().mean().item()
         old = loader_throughput(SplitDataset(index, "train", size), batch, s["workers"], device) if BASELINES else None
     return new, old, {"size": size, "workers": s["workers"], "batch": batch, "cpus": os.cpu_count(),
-                      "mean_abs_diff": round(diff, 3), "baseline": "PIL in the workers (the pipeline's loader)",
+                      "mean_abs_diff": round(diff, 3), "baseline": "PIL in the workers (decode: host)",
                       "unit": "images/s delivered to the device"}
 
 
