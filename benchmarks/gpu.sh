@@ -14,10 +14,10 @@
 # caps the whole loop: a line that would start or run past it is skipped, not failed, and the table names the
 # lines skipped, so that an outer `timeout` never has to kill the script before it writes its table.
 # GPU_SH_WHEELS=DIR installs DIR's wheels (pip --no-index --no-deps) into a temporary folder on PYTHONPATH for
-# this run: the faiss-cpu wheel gives the k-means line its baseline on a machine without faiss.
+# this run: the k-means baseline is faiss-cpu, and on a machine without faiss its line says so and the column
+# stays empty unless the faiss-cpu wheel is carried this way.
 # GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides python3. GPU_SH_COMMIT names the
-# commit in the log (a copied checkout's HEAD can be older than its files). The k-means baseline is
-# faiss-cpu: without faiss on the machine its line says so and the column stays empty (carry the wheel).
+# commit in the log (a copied checkout's HEAD can be older than its files).
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -* ]]; then

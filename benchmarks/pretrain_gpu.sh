@@ -177,9 +177,9 @@ s = {"quick": quick, "wall_s": wall, "layout": sys.argv[5], "pretrain": {k: pre[
     "steps_planned", "steps_done", "completed", "stopped_by", "images", "batch_size", "images_per_s", "loss_first",
     "loss_last", "train_s", "teacher_mb", "device", "amp", "compile")}}
 probes = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines() if line.strip()]
-keys = ("attention_foreground_thing_share", "thing_share", "attention_foreground_thing_share_2r",
-        "thing_crop_precision", "thing_crop_purity", "thing_crop_purity_chance", "crop_purity", "crop_purity_chance")
-s["probe"] = {("random" if r["checkpoint"] == "random" else "teacher"): {k: r[k] for k in keys} for r in probes}
+run_fields = ("checkpoint", "images", "size", "seed", "seconds")  # the rest are the probe's signals
+s["probe"] = {("random" if r["checkpoint"] == "random" else "teacher"): {k: v for k, v in r.items()
+              if k not in run_fields} for r in probes}
 for g in granularities:
     m = json.loads((out / f"g{g}" / "metrics.json").read_text())
     p = json.loads((out / f"g{g}" / "pseudo_metrics.json").read_text())

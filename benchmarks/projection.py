@@ -82,11 +82,17 @@ def check(rows, stage: str) -> str | None:
     return f"stage {stage}: not a finite positive rate: {', '.join(bad)}" if bad else None
 
 
+def line_row(rows, stage: str, filt) -> dict | None:
+    """The row a TARGETS line reads: `find` with its filter when that is a dict of fields (a tuple names the
+    consumers of a loader line instead)."""
+    return find(rows, stage, **(filt if isinstance(filt, dict) else {}))
+
+
 def target_table(rows) -> list[tuple[str, float | None, str, str]]:
     """(line, measured, target text, status) for every line of TARGETS; status ok / BELOW / ABOVE / missing."""
     out = []
     for line, stage, field, target, kind, filt in TARGETS:
-        row = find(rows, stage, **(filt if isinstance(filt, dict) else {}))
+        row = line_row(rows, stage, filt)
         value = row.get(field) if row else None
         if target is None:  # a loader: at least the fastest consumer measured
             consumers = [r["img_per_s"] for r in rows if r.get("stage") in filt and r.get("tf32") != "on"
@@ -134,7 +140,7 @@ def baseline_column(rows) -> dict[str, tuple[float | None, float | None]]:
     path is; (None, None) where no baseline was measured)."""
     out = {}
     for line, stage, field, _, kind, filt in TARGETS:
-        row = find(rows, stage, **(filt if isinstance(filt, dict) else {}))
+        row = line_row(rows, stage, filt)
         value, base = row.get(field) if row else None, baseline_of(rows, stage, field, row)
         speedup = None
         if good(value) and base is not None:

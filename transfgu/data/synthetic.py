@@ -297,14 +297,18 @@ def _stuff_regions(rng: Rng, x: Array, y: Array) -> tuple[Array, int]:
 LAYOUTS = ("scenes", "objects")
 
 
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
 def generate_scene(rng: Rng, size: int, layout: str = "scenes") -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 (size, size, 3) and label uint8 (size, size) with fine ids 0..11 (every pixel labelled).
 
     layout 'scenes' (the datasets): 2-4 things of 30-70 % of the side anywhere. 'objects': one thing of
     50-85 % of the side near the centre, on the same stuff backgrounds, like the object-centric photos of the
     sets DINO is pretrained on (ImageNet) next to the scenes it is applied to (COCO); for pretraining only."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_layout(layout)
     coords = (np.arange(size, dtype=np.float64) + 0.5) / size
     y, x = np.meshgrid(coords, coords, indexing="ij")
     image = np.zeros((size, size, 3), dtype=np.float64)
@@ -375,8 +379,7 @@ def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: in
         "class_names": list(FINE_CLASS_NAMES),
         **({"layout": layout} if layout != "scenes" else {}),
     }
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    _check_layout(layout)
     if _read_meta(root / "meta.json") == meta:
         return meta
 
