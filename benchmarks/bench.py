@@ -537,10 +537,7 @@ class AssembledMaskReader(PseudoMaskReader):
     """The loader's previous path: each worker assembles the float32 maps (K, h, w) and ships them (twice the
     bytes of the stored parts, plus the float conversion and the assembly on the host)."""
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        if self._h5 is None:
-            self._h5 = h5py.File(self.path, "r")
-        return read_pseudo_masks(self._h5, i)
+    read = staticmethod(read_pseudo_masks)
 
 
 def bench_load(kind, decode: str = "host"):

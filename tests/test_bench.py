@@ -26,6 +26,7 @@ def test_quick_benchmark_reports_storage_loading_and_cluster_backend():
     assert rows["pseudo171_bf16"]["precision"] == "bf16" and rows["pseudo171_bf16"]["concepts"] == 171
     assert 0 < rows["pseudo171_bf16"]["stored_mb_per_image"] < 1
     assert rows["load_train"]["workers"] == 2 and rows["load_train"]["img_per_s"] > 0
+    assert rows["load_train"]["assembled_in_workers_img_per_s"] > 0  # the float32 maps assembled in the workers
     assert rows["cluster"]["backend"] == "torch on cpu" and rows["cluster"]["baseline"] == "faiss-cpu"
 
 

@@ -68,13 +68,15 @@ class PseudoMaskReader:
     is the image's stored parts (`read_pseudo_parts`), not the assembled maps: the loader then decompresses
     only, and moves half the bytes; `transfgu.pseudo.maps_on` assembles the batch where it is used."""
 
+    read = staticmethod(read_pseudo_parts)  # (open file, i) -> item
+
     def __init__(self, path: str | Path):
         self.path, self._h5 = Path(path), None
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int):
         if self._h5 is None:
             self._h5 = h5py.File(self.path, "r")
-        return read_pseudo_parts(self._h5, i)
+        return self.read(self._h5, i)
 
     def __getstate__(self):  # a DataLoader worker opens its own handle
         return {"path": self.path, "_h5": None}
