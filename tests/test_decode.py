@@ -62,6 +62,8 @@ def test_split_dataset_device_decode_through_workers(tmp_path):
     loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2, collate_fn=data.collate)
     batches = list(loader)
     assert [len(b["jpeg"]) for b in batches] == [3, 2]
+    # arrays travel inside the batch's message; tensors would each take a shared-memory file descriptor
+    assert all(type(j) is np.ndarray and j.dtype == np.uint8 for b in batches for j in b["jpeg"])
     assert torch.equal(torch.cat([b["index"] for b in batches]), torch.arange(5))
     images = torch.cat([images_on(b, torch.device("cpu")) for b in batches])
     paths = [tmp_path / e["image"] for e in index["splits"]["train"]]

@@ -42,23 +42,25 @@ def load_rgb(path: Path, size: int) -> torch.Tensor:
 JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
 
-def read_bytes(path: Path) -> torch.Tensor:
-    """A file's bytes as a uint8 tensor (what `decode_resize` takes), for workers that only read."""
+def read_bytes(path: Path) -> np.ndarray:
+    """A file's bytes as a uint8 array (what `decode_resize` takes), for workers that only read. A numpy array
+    and not a tensor: a DataLoader worker sends each tensor of a batch through a shared-memory file of its own
+    (one file descriptor per image), while arrays are pickled into the batch's one message."""
     try:
-        return torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+        return np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise InputOSError(f"cannot read image {path}: {e}") from e
 
 
-def decode_resize(jpegs: list[torch.Tensor], size: int, device) -> torch.Tensor:
-    """JPEG files' bytes -> uint8 (B, 3, size, size) on `device`: decoded there (nvJPEG on a GPU, libjpeg on
-    the CPU) and resized bilinearly with antialiasing (aspect not kept), images of one shape together. Within
-    about one grey level of `load_rgb` (PIL's decoder and filter differ in rounding)."""
+def decode_resize(jpegs: list[np.ndarray], size: int, device) -> torch.Tensor:
+    """JPEG files' bytes (`read_bytes`) -> uint8 (B, 3, size, size) on `device`: decoded there (nvJPEG on a GPU,
+    libjpeg on the CPU) and resized bilinearly with antialiasing (aspect not kept), images of one shape together.
+    Within about one grey level of `load_rgb` (PIL's decoder and filter differ in rounding)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     device = torch.device(device)
     try:
-        decoded = decode_jpeg(list(jpegs), mode=ImageReadMode.RGB, device=device)
+        decoded = decode_jpeg([torch.from_numpy(j) for j in jpegs], mode=ImageReadMode.RGB, device=device)
     except RuntimeError as e:
         raise InputOSError(f"cannot decode a JPEG of this batch on {device}: {e}") from e
     out = torch.empty(len(decoded), 3, size, size, dtype=torch.uint8, device=device)
