@@ -93,8 +93,8 @@ def main(argv=None) -> None:
     print(json.dumps({"what": "dvc repro prepare, one image replaced", "seconds": round(seconds, 1),
                       "index_changed": index.read_bytes() != before, "index_mb": round(len(before) / 2 ** 20, 1)}),
           flush=True)
-    print(json.dumps({"what": "python stages/launch.py prepare alone",
-                      "seconds": round(run([sys.executable, "stages/launch.py", "prepare"], project), 1)}), flush=True)
+    print(json.dumps({"what": "python stages/prepare.py alone",
+                      "seconds": round(run([sys.executable, "stages/prepare.py"], project), 1)}), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@
 #      0.0005 x batch / 256), bf16, images kept on the GPU), writing the checkpoint and the teacher-backbone-only
 #      file to ship;
 #   3b. benchmarks/backbone_probe.py on the teacher and the random backbone (the quick signals, probe.jsonl);
-#   4. the default pipeline (python stages/launch.py prepare ... evaluate, no dvc) with backbone.checkpoint =
+#   4. the default pipeline (python stages/<stage>.py, prepare ... evaluate, no dvc) with backbone.checkpoint =
 #      the new teacher, at granularity 6 and 12, in a scratch copy of the code (the repository's outputs/ and
 #      data/ are not touched);
 #   5. copies into OUTDIR: the checkpoint and the teacher file, the loss curve and pretraining summary, each
@@ -51,7 +51,7 @@ trap 'rc=$?; if [[ $rc -ne 0 ]]; then echo "=== FAILED (exit $rc) at line $LINEN
 WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/pretrain_gpu.XXXXXX")}
 mkdir -p "$WORK"
 if [[ ${KEEP_WORK:-0} != 1 ]]; then trap 'rc=$?; rm -rf "$WORK"; if [[ $rc -ne 0 ]]; then echo "=== FAILED (exit $rc) after $(( $(date +%s) - T0 )) s: see $LOG"; fi' EXIT; fi
-cp -r "$REPO/stages" "$REPO/transfgu" "$WORK/"
+cp -r "$REPO/stages" "$REPO/transfgu" "$REPO/dvc.yaml" "$WORK/"
 cp "$REPO/params.yaml" "$WORK/params.base.yaml"
 rm -rf "$WORK"/stages/__pycache__ "$WORK"/transfgu/__pycache__
 export PYTHONPATH="$WORK${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRANSFGU_PROGRESS=lines
@@ -158,7 +158,7 @@ EOF
     for STAGE in prepare extract cluster pseudo train evaluate; do
         [[ $G == 12 && $STAGE == extract ]] && continue  # the crop features do not depend on the granularity
         stamp "   $STAGE (g$G)"
-        "$PY" stages/launch.py "$STAGE"
+        "$PY" "stages/$STAGE.py"
     done
     mkdir -p "$OUTDIR/g$G"
     cp outputs/metrics.json outputs/pseudo_metrics.json outputs/per_class_iou.csv outputs/train_log.csv \

@@ -9,43 +9,33 @@ stands for (read by `transfgu predict`).
 Every batch's prediction PNGs go to a folder beside its piece (transfgu/shards.py), which keeps the batch's
 confusion counts and the pictures' data; under torchrun each rank takes every world-th batch still to do;
 rank 0 sums the pieces' counts and writes the results. A re-run after an interruption computes only the
-batches without a piece (README, "Interrupted runs").
+batches without a piece (docs/usage.md, "Interrupted runs").
 
     python stages/evaluate.py                          # the DVC stage: outputs/decoder.pt -> outputs/
     python stages/evaluate.py --decoder weight/trained/cocostuff_27_decoder.pt
                                                        # a published decoder -> outputs/published/<name>/
 """
 import argparse
-import csv
+import functools
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
-from common import DECODER, INDEX, OUT, log, run_key, setup, stage_main, task_of, timed
-from runtime import backbone_of, device, precision_of, workers_of
-
 from transfgu import dist
 from transfgu.baselines import patch_kmeans_confusion
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
-from transfgu.io import atomic_output, link_tree, read_json, write_json
+from transfgu.errors import InputFileNotFound
+from transfgu.io import atomic_output, link_tree, write_csv, write_json
 from transfgu.matching import match_clusters, unmatched_clusters, write_cluster_classes
 from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.segmenter import Segmenter
 from transfgu.shards import BatchPieces, gather_batches
+from transfgu.stage import log, run_stage
 from transfgu.viz import comparison_picture
-
-
-def write_csv(path: Path, header, rows):
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
 
 
 def parse_args(argv=None):
@@ -55,54 +45,83 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-@record
-@stage_main
-def main(args=None):
-    args = args or argparse.Namespace(decoder=None, out=None)
-    params = setup("evaluate")
-    task, cfg, R = task_of(params), params["evaluate"], int(params["dataset"]["R"])
-    decoder_path = args.decoder or DECODER
-    out = args.out or (OUT / "published" / decoder_path.stem if args.decoder else OUT)
-    dev = device()
-    backbone = backbone_of(params, dev)
-    precision = precision_of(params, "evaluate", dev)
-    index = read_json(INDEX)
+def predict_split(stage, segmenter, data, pieces, n_pictures, labelled, entries):
+    """Every batch of the val split: its prediction PNGs, confusion counts and the pictures' data, in pieces."""
+    task, precision, dev = stage.params.task, stage.precision(), stage.device
+    n_classes = len(task.class_names)
+    predictions_dir = pieces.dir / "predictions"  # every rank writes its images' predictions there
+    predictions_dir.mkdir(exist_ok=True)
+    for batch, save in pieces.batches("evaluate"):
+        pred = segmenter.predict(batch["image"].to(dev).float() / 255, precision)
+        conf = np.zeros((1, task.n_outputs, n_classes), dtype=np.int64)
+        if labelled:
+            conf[0] = confusion_matrix(pred, batch["label"].to(dev), task.n_outputs, n_classes)
+        pred = pred.cpu().numpy().astype(np.uint8)
+        index_of = batch["index"].numpy()
+        for j, i in enumerate(index_of.tolist()):  # the PNGs first: a batch's piece says they are complete
+            Image.fromarray(pred[j]).save(predictions_dir / f"{entries[i]['id']}.png")
+        kept = index_of < n_pictures  # this batch's images among the first n_pictures: their pictures' data
+        picture = {"kept_index": index_of[kept], "kept_image": batch["image"][kept].permute(0, 2, 3, 1).numpy(),
+                   "kept_pred": pred[kept]}
+        if labelled:
+            picture["kept_label"] = batch["label"][kept].numpy()
+        save({"confusion": conf, **picture})
+    return predictions_dir
+
+
+def baseline_scores(stage, backbone, data) -> dict:
+    """The bottom-up reference: k-means of the same patch tokens into as many clusters as the decoder has outputs."""
+    task, cfg = stage.params.task, stage.config
+    plain = torch.utils.data.DataLoader(data, batch_size=cfg.batch_size, num_workers=stage.workers())
+    try:
+        b = segmentation_scores(patch_kmeans_confusion(backbone, plain, task.n_outputs, len(task.class_names),
+                                                       stage.device, seed=stage.params.seed))
+    except ValueError as e:  # fewer patch tokens than clusters: a tiny val split
+        log.warning("patch k-means baseline skipped: %s", e)
+        return {}
+    log.info("patch k-means baseline (%d clusters): miou %.2f, pixel accuracy %.2f", task.n_outputs, b["miou"],
+             b["pixel_accuracy"])
+    return {"baseline_miou": b["miou"], "baseline_pixel_accuracy": b["pixel_accuracy"]}
+
+
+def write_scores(out: Path, s: dict, names: list) -> None:
+    """per_class_iou.csv, confusion.csv and confusion_plot.csv (dvc's confusion template counts rows: one row per
+    percent of each ground-truth class's pixels)."""
+    matched = s["matched_confusion"]  # rows: predicted (matched) class, columns: ground truth
+    write_csv(out / "per_class_iou.csv", ["class", "iou"],
+              [[n, "" if v is None else round(v, 4)] for n, v in zip(names, s["per_class_iou"])])
+    write_csv(out / "confusion.csv", ["predicted \\ actual", *names],
+              [[names[i], *matched[i].tolist()] for i in range(len(names))])
+    share = matched / np.maximum(matched.sum(0, keepdims=True), 1)
+    write_csv(out / "confusion_plot.csv", ["actual", "predicted"],
+              [[names[gt], names[pr]] for gt in range(len(names)) for pr in range(len(names))
+               for _ in range(int(round(100 * share[pr, gt])))])
+
+
+def main(stage, args):
+    task, cfg, R = stage.params.task, stage.config, stage.params.dataset.R
+    decoder_path = args.decoder or stage.dep("decoder.pt")
+    out = args.out or (Path("outputs") / "published" / decoder_path.stem if args.decoder else
+                       stage.out("metrics.json").parent)
+    backbone, precision = stage.backbone(), stage.precision()
+    index = stage.index
     if not decoder_path.is_file():
-        raise SystemExit(f"{decoder_path} not found" + ("" if args.decoder else ": run the train stage first"))
+        raise InputFileNotFound(f"{decoder_path} not found" + ("" if args.decoder else ": run the train stage first"))
     decoder = build_decoder(task.n_outputs, backbone.embed_dim)
-    load_decoder(decoder, decoder_path)  # a decoder of another shape: one line (BadInput, stage_main)
-    decoder.to(dev).eval()
+    load_decoder(decoder, decoder_path)  # a decoder of another shape: one line (BadInput)
+    decoder.to(stage.device).eval()
     entries = index["splits"]["val"]
     labelled = split_is_labelled(index, "val", task)
     data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None)
     names = list(task.class_names)
     log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
              f"{len(names)} classes" if labelled else "no labels: predictions only", precision)
-    key = run_key("evaluate", params, [INDEX, decoder_path], precision=precision, device=dev.type)
-    pieces = BatchPieces(out / "predictions", data, int(cfg["batch_size"]), workers_of(params, "evaluate"), key,
-                         "evaluate")
-    predictions_dir = pieces.dir / "predictions"  # every rank writes its images' predictions there
-    predictions_dir.mkdir(exist_ok=True)
-    n_pictures, n_classes = int(cfg["n_pictures"]), len(names)
-    segmenter = Segmenter(backbone, decoder)
-    with timed("evaluate"):
-        for batch, save in pieces.batches("evaluate"):
-            pred = segmenter.predict(batch["image"].to(dev).float() / 255, precision)
-            conf = np.zeros((1, task.n_outputs, n_classes), dtype=np.int64)
-            if labelled:
-                conf[0] = confusion_matrix(pred, batch["label"].to(dev), task.n_outputs, n_classes)
-            pred = pred.cpu().numpy().astype(np.uint8)
-            index_of = batch["index"].numpy()
-            for j, i in enumerate(index_of.tolist()):  # the PNGs first: a batch's piece says they are complete
-                Image.fromarray(pred[j]).save(predictions_dir / f"{entries[i]['id']}.png")
-            kept = index_of < n_pictures  # this batch's images among the first n_pictures: their pictures' data
-            picture = {"kept_index": index_of[kept], "kept_image": batch["image"][kept].permute(0, 2, 3, 1).numpy(),
-                       "kept_pred": pred[kept]}
-            if labelled:
-                picture["kept_label"] = batch["label"][kept].numpy()
-            save({"confusion": conf, **picture})
+    key = stage.run_key([stage.dep("index.json"), decoder_path], precision=precision, device=stage.device.type)
+    pieces = BatchPieces(out / "predictions", data, cfg.batch_size, stage.workers(), key, "evaluate")
+    with stage.timed():
+        predictions_dir = predict_split(stage, Segmenter(backbone, decoder), data, pieces, cfg.n_pictures, labelled,
+                                        entries)
     if not dist.is_main():
-        dist.shutdown()
         return
     names_kept = ["confusion", "kept_index", "kept_image", "kept_pred"] + (["kept_label"] if labelled else [])
     parts = gather_batches(pieces.paths(), names_kept)
@@ -115,29 +134,10 @@ def main(args=None):
         # the headline, in the order `dvc exp show` shows it; the rest goes to eval_details.json
         metrics = {"miou": s["miou"], "pixel_accuracy": s["pixel_accuracy"]}
         details = {"n_images": len(data), "n_classes": len(names), "labelled": True}
-        if cfg.get("patch_kmeans_baseline", True):  # the bottom-up reference: k-means of the same patch tokens
-            plain = torch.utils.data.DataLoader(data, batch_size=int(cfg["batch_size"]),
-                                                num_workers=workers_of(params, "evaluate"))
-            try:
-                b = segmentation_scores(patch_kmeans_confusion(backbone, plain, task.n_outputs, len(names), dev,
-                                                               seed=int(params["seed"])))
-            except ValueError as e:  # fewer patch tokens than clusters: a tiny val split
-                log.warning("patch k-means baseline skipped: %s", e)
-            else:
-                metrics.update(baseline_miou=b["miou"], baseline_pixel_accuracy=b["pixel_accuracy"])
-                log.info("patch k-means baseline (%d clusters): miou %.2f, pixel accuracy %.2f", task.n_outputs,
-                         b["miou"], b["pixel_accuracy"])
+        if cfg.patch_kmeans_baseline:
+            metrics.update(baseline_scores(stage, backbone, data))
         metrics.update(miou_by_kind(s["per_class_iou"], task.class_kinds))  # miou_things, miou_stuff
-        matched = s["matched_confusion"]  # rows: predicted (matched) class, columns: ground truth
-        write_csv(out / "per_class_iou.csv", ["class", "iou"],
-                  [[n, "" if v is None else round(v, 4)] for n, v in zip(names, s["per_class_iou"])])
-        write_csv(out / "confusion.csv", ["predicted \\ actual", *names],
-                  [[names[i], *matched[i].tolist()] for i in range(len(names))])
-        # dvc's confusion template counts rows: one row per percent of each ground-truth class's pixels
-        share = matched / np.maximum(matched.sum(0, keepdims=True), 1)
-        write_csv(out / "confusion_plot.csv", ["actual", "predicted"],
-                  [[names[gt], names[pr]] for gt in range(len(names)) for pr in range(len(names))
-                   for _ in range(int(round(100 * share[pr, gt])))])
+        write_scores(out, s, names)
         log.info("miou %.2f, pixel accuracy %.2f", s["miou"], s["pixel_accuracy"])
     else:
         clusters = unmatched_clusters(task.n_outputs)
@@ -158,8 +158,7 @@ def main(args=None):
     pieces.remove()
     log.info("wrote %s, %d predictions (cluster ids, R x R PNG) in %s, %d pictures in %s", out / "metrics.json",
              len(data), out / "predictions", len(kept), out / "pictures")
-    dist.shutdown()
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_stage("evaluate", functools.partial(main, args=parse_args()), distributed=True, keeps="finished batches")

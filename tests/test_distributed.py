@@ -27,7 +27,7 @@ def stage(root, name, nproc=1, check=True):
     params["launcher"]["nproc_per_node"] = nproc
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "stages/launch.py", name], cwd=root, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, f"stages/{name}.py"], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     if check:
         assert proc.returncode == 0, f"{name} x{nproc} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -1,4 +1,4 @@
-"""dvc.yaml lists exactly the code each stage runs: its script, stages/launch.py (the stage command) and every
+"""dvc.yaml lists exactly the code each stage runs: its script (the stage command) and every
 module of the project they import, directly or not. A missing file would let DVC serve a stale result after a
 change there; an extra one re-runs a stage for nothing. The import closure is computed from the source (ast),
 not by importing."""
@@ -77,7 +77,7 @@ def closure(*scripts: Path) -> set[Path]:
 
 
 def stage_code(stage: str) -> set[str]:
-    return {str(p.relative_to(REPO)) for p in closure(REPO / "stages" / "launch.py", REPO / "stages" / f"{stage}.py")}
+    return {str(p.relative_to(REPO)) for p in closure(REPO / "stages" / f"{stage}.py")}
 
 
 def listed_code(deps) -> set[str]:
@@ -120,6 +120,6 @@ def test_closure_follows_relative_package_and_lazy_imports(tmp_path):
     and the decoder; the data package's tasks pull the synthetic generator's class names."""
     evaluate = stage_code("evaluate")
     assert {"transfgu/baselines.py", "transfgu/cluster.py", "transfgu/models/decoder.py", "transfgu/__init__.py",
-            "transfgu/models/__init__.py", "stages/common.py"} <= evaluate
+            "transfgu/models/__init__.py", "transfgu/stage.py"} <= evaluate
     assert "transfgu/data/synthetic.py" in stage_code("cluster")
     assert "transfgu/train.py" not in evaluate and "transfgu/dino.py" not in evaluate

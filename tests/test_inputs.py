@@ -145,7 +145,7 @@ def set_params(root, **changes):
 def stage(root, name, *extra):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "stages/launch.py", name, *extra], cwd=root, env=env,
+    return subprocess.run([sys.executable, f"stages/{name}.py", *extra], cwd=root, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

@@ -37,7 +37,7 @@ FAULTS_TRIED = []  # (stage, processes, fault, what was kept after it): printed 
 
 
 def run(root, name, nproc=1, fault=None, args=()):
-    """`python stages/launch.py <name>` with nproc processes; with a fault, it must die at that fault point."""
+    """`python stages/<name>.py` with nproc processes; with a fault, it must die at that fault point."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["launcher"]["nproc_per_node"] = nproc
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -45,7 +45,7 @@ def run(root, name, nproc=1, fault=None, args=()):
     env.pop("TRANSFGU_FAULT", None)
     if fault:
         env["TRANSFGU_FAULT"] = fault
-    proc = subprocess.run([sys.executable, "stages/launch.py", name, *args], cwd=root, env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, f"stages/{name}.py", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=300)
     text = proc.stdout + proc.stderr
     if fault:

@@ -43,12 +43,13 @@ def default_params(over: dict | None = None) -> dict:
 
 
 def copy_project(root: Path, params: dict | None = None, dvc: bool = False, code=("stages", "transfgu")) -> Path:
-    """The code into `root` (and dvc.yaml with the shipped image lists when `dvc`), params.yaml if given."""
+    """The code and dvc.yaml (which the stages read their files and params from) into `root` (with the shipped
+    image lists when `dvc`), params.yaml if given."""
     root = Path(root)
     for name in code:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     if dvc:
-        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
         shutil.copytree(REPO / "data" / "lists", root / "data" / "lists")
     if params is not None:
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -14,26 +14,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 
 from . import pretrain
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
+from .config import load_params
 from .dist import progress
-from .errors import BadInput, InputFileNotFound, InputValueError
+from .errors import InputFileNotFound, InputValueError
 from .matching import ClusterNames, read_cluster_classes, unmatched_clusters
 from .models.archs import ARCHS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
 from .segmenter import Segmenter
+from .stage import one_line_errors
 from .viz import colorize
 
 log = logging.getLogger("transfgu.predict")
@@ -103,14 +103,18 @@ def cluster_names_for(decoder_path: Path, n_out: int, classes=None) -> ClusterNa
 
 
 def cmd_predict(args):
-    params = yaml.safe_load(Path(args.params).read_text()) if Path(args.params).is_file() else None
-    if params is None and not args.arch:
+    params = None
+    if Path(args.params).is_file():  # checked like the stages check it, without the dataset's own files
+        params = load_params(args.params, check_data=False)
+    elif not args.arch:
         raise InputFileNotFound(f"{args.params} not found: pass --params or --arch/--patch-size/--checkpoint/--size")
-    b = (params or {}).get("backbone", {})
-    arch, patch = args.arch or b["arch"], args.patch_size or int(b["patch_size"])
-    checkpoint = args.checkpoint if args.checkpoint is not None else b.get("checkpoint")
-    size = args.size or int(params["dataset"]["R"])
-    seed = int((params or {}).get("seed", 0))
+    arch = args.arch or params.backbone.arch
+    patch = args.patch_size or params.backbone.patch_size
+    checkpoint = args.checkpoint if args.checkpoint is not None else (params and params.backbone.checkpoint)
+    size = args.size or params.dataset.R
+    if size < patch or size % patch:
+        raise InputValueError(f"--size / dataset.R: expected a multiple of the patch size {patch}, got {size}")
+    seed = params.seed if params else 0
     decoder_path = Path(args.decoder)
     if not decoder_path.is_file():
         raise InputFileNotFound(f"{decoder_path} not found: train one with `dvc repro` or pass --decoder")
@@ -143,8 +147,7 @@ def cmd_predict(args):
         log.warning("backbone %s/%d has RANDOM weights (no checkpoint)", arch, patch)
     decoder = load_decoder(build_decoder(n_out, backbone.embed_dim), decoder_path).to(device).eval()
     clusters = cluster_names_for(decoder_path, n_out, args.classes)
-    precision = resolve_precision(args.precision or (params or {}).get("evaluate", {}).get("precision", "auto"),
-                                  device, "--precision / evaluate.precision")
+    precision = resolve_precision(args.precision or (params.evaluate.precision if params else "auto"), device)
     log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s, %s", len(paths), decoder_path,
              n_out, arch, patch, size, device, precision)
     t0 = time.time()
@@ -181,19 +184,14 @@ def main(argv=None):
                        description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pretrain.add_arguments(q)
     args = ap.parse_args(argv)
-    try:
-        if args.command == "predict":
+    if args.command == "predict":
+        with one_line_errors("no complete output was written for the image being segmented"):
             cmd_predict(args)
-        elif args.command == "pretrain":
-            logging.getLogger().handlers[0].setFormatter(
-                logging.Formatter("%(asctime)s [pretrain] %(message)s", datefmt="%H:%M:%S"))
+    elif args.command == "pretrain":
+        logging.getLogger().handlers[0].setFormatter(
+            logging.Formatter("%(asctime)s [pretrain] %(message)s", datefmt="%H:%M:%S"))
+        with one_line_errors("the last saved state is kept: re-run with --resume to continue"):
             pretrain.run(args)
-    except Exception as e:  # noqa: BLE001 -- expected errors: one line, status 2; others keep their traceback
-        expected = (FileNotFoundError, ValueError) if args.command == "pretrain" else ()  # missing images, sizes
-        if not isinstance(e, (BadInput, *expected)):
-            raise
-        log.error("%s", e)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,13 @@ fingerprints of what a run depends on (params, input files, code)."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import glob
 import hashlib
 import json
 import os
 import shutil
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -128,6 +128,18 @@ def write_json(path: str | Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_csv(path: str | Path, header, rows) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def size_mb(path: str | Path) -> float:
+    """A file's or a folder's size in MiB."""
+    return _size(Path(path)) / 2 ** 20
+
+
 def read_json(path: str | Path):
     path = Path(path)
     if not path.is_file():
@@ -162,26 +174,10 @@ def file_digest(path: str | Path, full_limit: int = FULL_HASH_LIMIT) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{h.hexdigest()}"
 
 
-def loaded_code(*roots: str | Path) -> list:
-    """The source files of the modules this process has imported from under `roots` (the code a stage runs:
-    its import closure), as sorted (name relative to its root, path) pairs."""
-    roots = [Path(r).resolve() for r in roots]
-    files = set()
-    for mod in list(sys.modules.values()):
-        f = getattr(mod, "__file__", None)
-        if not f or not f.endswith(".py"):
-            continue
-        f = Path(f).resolve()
-        for root in roots:
-            if f.is_relative_to(root):
-                files.add((f"{root.name}/{f.relative_to(root)}", f))
-    return sorted(files)
-
-
 def fingerprint(config: dict, inputs=(), code=()) -> str:
     """16 hex digits naming what a stage's results depend on: `config` (the params it reads and values
     resolved at run time, e.g. the precision and the device type; JSON with sorted keys), the input files
-    (`file_digest`; None entries skipped) and the code ((name, path) pairs, e.g. from `loaded_code`). The
+    (`file_digest`; None entries skipped) and the code ((name, path) pairs: a stage's code deps). The
     world size is not part of it: a run with another number of processes computes the same batches."""
     h = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for p in inputs:
