@@ -16,6 +16,10 @@
 # GPU_SH_WHEELS=DIR installs DIR's wheels (pip --no-index --no-deps) into a temporary folder on PYTHONPATH for
 # this run: the k-means baseline is faiss-cpu, and on a machine without faiss its line says so and the column
 # stays empty unless the faiss-cpu wheel is carried this way.
+# The faiss-cpu wheel (18 MB) to carry: pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#   --platform manylinux_2_28_x86_64 -d DIR faiss-cpu
+# On a remote GPU runner whose results must land in $OUT (an empty folder that comes back), from the repository
+# root: timeout 420 bash benchmarks/gpu.sh $OUT
 # GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides python3. GPU_SH_COMMIT names the
 # commit in the log (a copied checkout's HEAD can be older than its files).
 set -euo pipefail

@@ -29,6 +29,10 @@
 # e.g. "--compile"), WORK (scratch folder; default a new temporary one, removed at the end unless KEEP_WORK=1),
 # PIPELINE=0 (stop after step 3: pretrain only, e.g. several recipes side by side on one GPU, the pipeline then run
 # on another machine with the teacher file).
+# On a remote GPU runner whose results must land in $OUT and come back as a few files (the full checkpoint stays
+# behind):
+#   timeout 450 bash benchmarks/pretrain_gpu.sh /tmp/p; cp /tmp/p/*_teacher.pth /tmp/p/summary.json "$OUT"/
+#   tar czf "$OUT/pretrain.tgz" --exclude=dino_vit_mini8_synthetic.pth -C /tmp/p .
 set -euo pipefail
 
 usage() { echo "usage: bash benchmarks/pretrain_gpu.sh OUTDIR [--quick]" >&2; exit 2; }
