@@ -153,7 +153,7 @@ class Params(Section):
     evaluate: EvaluateConfig
     launcher: LauncherConfig = LauncherConfig()
     _path: Path = PrivateAttr(default=Path("params.yaml"))
-    _task: Task = PrivateAttr(default=None)
+    _task: Optional[Task] = PrivateAttr(default=None)
 
     # The rules between keys, in the order a new user meets them (pydantic runs them in this order).
     @model_validator(mode="after")
@@ -204,6 +204,7 @@ class Params(Section):
 
     @property
     def things_only(self) -> bool:
+        """Whether the dataset is things-only (dataset_is_things_only: decided by the dataset)."""
         return self._task.things_only
 
     def value(self, dotted: str):
