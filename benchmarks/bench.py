@@ -142,7 +142,7 @@ def tf32_window_agreement(backbone, images, windows) -> float:
 
 def auto(device) -> str:
     """The pipeline's `precision: auto` on this device."""
-    return resolve_precision("auto", device, "precision")
+    return resolve_precision("auto", device)
 
 
 def sync(device):

@@ -307,9 +307,7 @@ def make_folder(root, labels: bool = True, kinds=("thing", "thing", "stuff", "st
     return root
 
 
-def dataset_cfg(name: str, root, **extra) -> dict:
-    """A params.yaml `dataset` section for a fixture tree."""
-    cfg = {"name": name, "root": str(root), "R": 32, "image_list": {"train": None, "val": None},
-           "skip_bad": False, "n_things": None, "things_only": False, "synthetic": {}}
-    cfg.update(extra)
-    return cfg
+def dataset_cfg(name: str, root, **extra):
+    """The typed `dataset` section (transfgu.config.DatasetConfig) for a fixture tree."""
+    from transfgu.config import dataset_config
+    return dataset_config({"name": name, "root": str(root), "R": 32, **extra})

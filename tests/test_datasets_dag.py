@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 
 import dataset_trees as trees
+from transfgu.config import dataset_config
 from transfgu.data.tasks import resolve_task
 from tiny_project import merge  # noqa: E402
 
@@ -89,7 +90,7 @@ def run_pipeline(tmp_path, monkeypatch, stage_modules, name, granularity, build,
     for stage in STAGES:
         monkeypatch.setattr(sys, "argv", [f"stages/{stage}.py"])  # as `python stages/<stage>.py`
         stage_modules[stage].main()
-    return project, params, resolve_task(params["dataset"], granularity)
+    return project, params, resolve_task(dataset_config(params["dataset"]), granularity)
 
 
 def check_common_outputs(project, task):

@@ -75,14 +75,13 @@ def test_split_dataset_device_decode_through_workers(tmp_path):
     assert (images.int() - host_images.int()).abs().float().mean() < 1.0
 
 
-def test_device_decode_refuses_other_files_naming_the_param(tmp_path):
+def test_device_decode_refuses_other_files_naming_the_file(tmp_path):
     index = jpeg_tree(tmp_path, [(20, 20)])
     Image.new("RGB", (20, 20)).save(tmp_path / "x.png")
     index["splits"]["train"].append({"id": "x", "image": "x.png"})
-    with pytest.raises(InputValueError, match=r"train\.decode: device decodes JPEG files only, and .*x\.png"):
-        SplitDataset(index, "train", 16, decode="device", param="train.decode")
-    with pytest.raises(InputValueError, match="pseudo.decode: expected 'host' or 'device', got 'gpu'"):
-        SplitDataset(index, "train", 16, decode="gpu", param="pseudo.decode")
+    with pytest.raises(InputValueError, match=r"decode: device decodes JPEG files only, and .*x\.png is not one "
+                                              r"\(use decode: host\)"):
+        SplitDataset(index, "train", 16, decode="device")
     SplitDataset(index, "train", 16)  # the host path reads any image
 
 

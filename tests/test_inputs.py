@@ -3,7 +3,6 @@
 file or key, exit status 2, no traceback, and no output file changed."""
 from __future__ import annotations
 
-import copy
 import errno
 import hashlib
 import os
@@ -16,100 +15,10 @@ import pytest
 import yaml
 
 import dataset_trees as trees
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "stages"))
-from checks import SCHEMA, check_index, check_params  # noqa: E402
-
-from transfgu.errors import BadInput, InputValueError  # noqa: E402
-from tiny_project import copy_project, default_params  # noqa: E402
-
-DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
+from tiny_project import copy_project, default_params
 
 
-def edited(**changes) -> dict:
-    """The default params with dotted keys set (value DELETE removes the key)."""
-    params = copy.deepcopy(DEFAULT)
-    for dotted, value in changes.items():
-        *path, leaf = dotted.split("__")
-        node = params
-        for k in path:
-            node = node[k]
-        if value is DELETE:
-            del node[leaf]
-        else:
-            node[leaf] = value
-    return params
-
-
-DELETE = object()
-
-
-# -- the schema, in-process ---------------------------------------------------------------------------------
-def test_the_default_params_pass_and_every_key_is_in_the_schema():
-    check_params(DEFAULT)
-
-    def keys(d, prefix=""):
-        return {prefix + k for k, v in d.items()} | {x for k, v in d.items() if isinstance(v, dict)
-                                                       and k != "image_list" for x in keys(v, f"{prefix}{k}.")}
-    assert keys(DEFAULT) <= keys(SCHEMA)
-
-
-@pytest.mark.parametrize("changes, message", [
-    ({"train__epoch": 12}, r"params.yaml: unknown key train.epoch: did you mean train.epochs\?"),
-    ({"dataset__thing_only": True}, r"unknown key dataset.thing_only: did you mean dataset.things_only\?"),
-    ({"evaluate__lr": 0.1}, r"unknown key evaluate.lr: did you mean train.lr\?"),
-    ({"optimizer": {"lr": 1}}, r"unknown key optimizer"),
-    ({"train__lr": DELETE}, r"params.yaml: missing key train.lr: expected a number > 0"),
-    ({"cluster": DELETE}, r"params.yaml: missing section cluster"),
-    ({"train__epochs": "12"}, r"params.yaml: train.epochs: expected an integer >= 1, got '12'"),
-    ({"train__epochs": 0}, r"train.epochs: expected an integer >= 1, got 0"),
-    ({"train__epochs": True}, r"train.epochs: expected an integer >= 1, got True"),
-    ({"pseudo__mass": 1.5}, r"pseudo.mass: expected a number > 0 and <= 1, got 1.5"),
-    ({"train__loss_weights": [1, 0.3]}, r"train.loss_weights: expected a list of 3 numbers"),
-    ({"train__select_by": "best"}, r"train.select_by: expected one of val, last, got 'best'"),
-    ({"extract__precision": "half"}, r"extract.precision: expected one of auto, fp32, bf16, got 'half'"),
-    ({"cluster__backend": "gpu"}, r"cluster.backend: expected one of auto, faiss, torch, got 'gpu'"),
-    ({"backbone__arch": "vit_huge"}, r"backbone.arch: expected one of vit_mini, vit_tiny, vit_small, vit_base"),
-    ({"dataset__name": "imagenet"}, r"dataset.name: expected one of synthetic, synthetic-things, cocostuff"),
-    ({"dataset__image_list": {"train": None, "test": "x.txt"}}, r"dataset.image_list: expected null or a string"),
-    ({"dataset__R": 60}, r"dataset.R: expected a multiple of backbone.patch_size 8, got 60"),
-    ({"granularity": 7}, r"granularity: 7 is not valid for dataset 'synthetic'"),
-    ({"train__num_workers": -1}, r"train.num_workers: expected one of auto or an integer >= 0, got -1"),
-    ({"backbone__checkpoint": "weight/dino/nope.pth"},
-     r"backbone.checkpoint: weight/dino/nope.pth does not exist \(README, 'Backbone weights'\)"),
-])
-def test_bad_params_are_one_line_naming_the_key(changes, message):
-    with pytest.raises(BadInput, match=message) as e:
-        check_params(edited(**changes))
-    assert "\n" not in str(e.value)
-
-
-def test_split_sizes_against_the_training_batch():
-    index = {"splits": {"train": [{}] * 10, "val": [{}] * 3}}
-    check_index(edited(train__batch_size=10), index)
-    with pytest.raises(InputValueError, match=r"train.batch_size 11 is larger than the 10 train images"):
-        check_index(edited(train__batch_size=11), index)
-    with pytest.raises(InputValueError, match=r"train.batch_size 9 is not divisible by the 2 processes"):
-        check_index(edited(train__batch_size=9, launcher__nproc_per_node=2), index)
-
-
-@pytest.mark.parametrize("text, message", [
-    ("classes: [{name: a, thing: true}, {name: b, thing: false}]\n", r"class 0 \(a\): unknown key 'thing' "
-     r"\(valid: name, kind; did you mean kind\?\)"),
-    ("classes: [{name: a, kind: thing}, {name: b}]\n", r"class 1 \(b\): missing key 'kind'"),
-    ("classes: [{name: a, kind: thing}]\nnames: [a]\n", r"unknown key\(s\) \['names'\]"),
-    ("classes: {a: thing}\n", r"expected `classes: \["),
-    ("classes: [{name: a, kind: thing\n", r"not valid YAML"),
-])
-def test_bad_classes_yaml_is_one_line(tmp_path, text, message):
-    from transfgu.data.tasks import resolve_task
-    root = trees.make_folder(tmp_path / "folder")
-    (root / "classes.yaml").write_text(text)
-    with pytest.raises(BadInput, match=message) as e:
-        resolve_task(trees.dataset_cfg("folder", root), 2)
-    assert str(root / "classes.yaml") in str(e.value)
-
+# The params.yaml and classes.yaml checks themselves, in-process: tests/test_config.py.
 
 # -- through the stage scripts, as dvc runs them -------------------------------------------------------------
 TINY = {"dataset": {"R": 32, "synthetic": {"n_train": 8, "n_val": 4, "size": 64}},

@@ -113,8 +113,9 @@ def test_predict_names_and_colours_are_the_matched_classes(evaluate_module, monk
     out = project / "outputs"
     torch.save(build_decoder(6, 192, seed=1).state_dict(), out / "decoder.pt")
     from transfgu.data.images import load_label, load_rgb
+    from transfgu.config import DatasetConfig
     from transfgu.data.tasks import resolve_task
-    lut = resolve_task({"name": "synthetic"}, 6).label_lut
+    lut = resolve_task(DatasetConfig(name="synthetic", root="x", R=64), 6).label_lut
     data = project.parent / "data"
     monkeypatch.setattr(PermutedEvalSegmenter, "LABELS", {
         load_rgb(image, 32).numpy().tobytes(): load_label(data / "labels" / "val" / image.name, 32, lut)

@@ -130,6 +130,7 @@ def test_thing_stuff_split_of_the_scores(project):
     stage's thing_share is the share of thing pixels in the train labels at R."""
     import numpy as np
     from transfgu.data.images import load_label
+    from transfgu.config import dataset_config
     from transfgu.data.tasks import resolve_task
 
     root, _ = project
@@ -141,7 +142,7 @@ def test_thing_stuff_split_of_the_scores(project):
         assert metrics[key] == pytest.approx(sum(present) / len(present), abs=1e-3)  # the csv rounds to 1e-4
     pseudo = json.loads((root / "outputs" / "pseudo_metrics.json").read_text())
     params = yaml.safe_load((root / "params.yaml").read_text())
-    task = resolve_task(params["dataset"], params["granularity"])
+    task = resolve_task(dataset_config(params["dataset"]), params["granularity"])
     labels = np.stack([load_label(path, params["dataset"]["R"], task.label_lut).numpy()
                        for path in sorted((root / "data" / "synthetic" / "labels" / "train").glob("*.png"))])
     assert pseudo["thing_share"] == pytest.approx(100 * (labels < 3).mean(), abs=1e-9)

@@ -1,5 +1,5 @@
 """Named choices of the params that the library resolves, kept apart from the code that uses them so that the
-params checks of every stage can read them without importing that code."""
+configuration (transfgu/config.py) can read them without importing that code."""
 
 BACKENDS = ("auto", "faiss", "torch")   # cluster.backend (transfgu/cluster.py)
 PRECISIONS = ("auto", "fp32", "bf16")    # <stage>.precision (transfgu/precision.py)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .choices import BACKENDS
 from .errors import InputValueError
 
 try:  # faiss is an install extra: faiss-cpu (`.[cpu]`), or a GPU build (`.[gpu-cu12]`, `.[gpu-cu13]`)
@@ -52,9 +51,6 @@ def gpu_available() -> bool:
 def resolve_backend(backend: str = "auto") -> str:
     """'faiss' or 'torch'. auto: faiss when faiss has a GPU, else torch when torch sees CUDA, else faiss on the
     CPU when it is installed, else torch on the CPU."""
-    if backend not in BACKENDS:
-        raise InputValueError(f"cluster.backend must be one of {', '.join(repr(b) for b in BACKENDS)}, "
-                         f"got {backend!r}")
     if backend == "faiss" and faiss is None:
         raise InputValueError("cluster.backend is 'faiss' but faiss is not installed: pip install -e '.[cpu]' (or the "
                          "GPU build matching your torch's CUDA, README 'Installing'), or use cluster.backend: torch")

@@ -16,7 +16,6 @@ import torch
 import torch.distributed as td
 from tqdm import tqdm
 
-from .errors import InputValueError
 
 
 def world_size() -> int:
@@ -206,13 +205,8 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     same size, so averaging gradients over ranks gives the global batch's mean gradient."""
 
     def __init__(self, n_items: int, global_batch: int, seed: int):
-        world = world_size()
-        if global_batch % world:
-            raise InputValueError(f"train.batch_size {global_batch} is not divisible by the {world} processes")
-        if n_items < global_batch:
-            raise InputValueError(f"train.batch_size {global_batch} is larger than the {n_items} training images")
         self.n, self.global_batch, self.seed = n_items, global_batch, seed
-        self.local = global_batch // world
+        self.local = global_batch // world_size()  # Params.check_index: global_batch divides and fits
         self.epoch = 0
 
     def set_epoch(self, epoch: int):

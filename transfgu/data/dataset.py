@@ -8,7 +8,6 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from ..choices import DECODES
 from ..devices import to_device
 from ..errors import InputValueError
 from .images import JPEG_EXTENSIONS, decode_resize, load_label, load_rgb, read_bytes
@@ -19,19 +18,17 @@ class SplitDataset(torch.utils.data.Dataset):
     per-image pseudo maps of a reader when given (`maps`)."""
 
     def __init__(self, index: dict, split: str, size: int, lut: np.ndarray | None = None, maps=None,
-                 decode: str = "host", param: str = "decode"):
+                 decode: str = "host"):
         self.root = Path(index["root"])
         self.entries = index["splits"][split]
         self.size, self.lut = size, lut
         self.maps = maps  # maps[i] -> image i's pseudo maps (K, h, w), e.g. transfgu.pseudo_store.PseudoMaskReader
-        if decode not in DECODES:
-            raise InputValueError(f"{param}: expected {' or '.join(map(repr, DECODES))}, got {decode!r}")
         if decode == "device":
             other = next((e["image"] for e in self.entries if not e["image"].lower().endswith(JPEG_EXTENSIONS)),
                          None)
             if other is not None:
-                raise InputValueError(f"{param}: device decodes JPEG files only, and {self.root / other} is not "
-                                      f"one (use host)")
+                raise InputValueError(f"decode: device decodes JPEG files only, and {self.root / other} is not one "
+                                      f"(use decode: host)")
         self.decode = decode
 
     @staticmethod

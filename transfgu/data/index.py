@@ -6,11 +6,15 @@ import hashlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..errors import InputFileNotFound, InputValueError
+from ..errors import InputFileNotFound
 from . import adapters, synthetic
 from .images import unreadable
-from .tasks import DATASETS, FOLDER, Task, valid_pairs
+from .tasks import DATASETS, FOLDER, Task
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -19,32 +23,22 @@ log = logging.getLogger(__name__)
 SHIPPED_LISTS = Path(__file__).resolve().parents[2] / "data" / "lists"
 
 
-def image_list_of(cfg: dict, split: str) -> Path | None:
-    """The list file restricting a split, from params `dataset.image_list`: null (every image), a
-    {train: path, val: path} mapping (null for a split = every image), or the name of a list set shipped for
-    the dataset (`curated` for cocostuff)."""
-    value, name = cfg.get("image_list"), cfg["name"]
-    if value is None:
-        return None
+def image_list_of(dataset: DatasetConfig, split: str) -> Path | None:
+    """The list file restricting a split, from `dataset.image_list`: null (every image), a {train: path, val: path}
+    mapping (null for a split = every image), or the name of a list set shipped for the dataset (`curated` for
+    cocostuff; the config checked the name)."""
+    value = dataset.image_list
     if isinstance(value, str):
-        shipped = DATASETS[name].image_lists if name in DATASETS else {}
-        if value not in shipped:
-            raise InputValueError(f"dataset.image_list: '{value}' is not a list set shipped for dataset '{name}' "
-                             f"(shipped: {sorted(shipped) or 'none'}); give a name of those or "
-                             f"{{train: <list file>, val: <list file>}}")
-        return SHIPPED_LISTS / shipped[value][split]
-    if not isinstance(value, dict) or set(value) - {"train", "val"}:
-        raise InputValueError(f"dataset.image_list: expected null, a shipped list name or {{train: <list file or null>, "
-                         f"val: <list file or null>}}, got {value!r}")
-    return Path(value[split]) if value.get(split) else None
+        return SHIPPED_LISTS / DATASETS[dataset.name].image_lists[value][split]
+    path = getattr(value, split) if value is not None else None
+    return Path(path) if path else None
 
 
-def list_split(cfg: dict, split: str) -> list[dict]:
-    root = Path(cfg["root"])
-    name = cfg["name"]
+def list_split(dataset: DatasetConfig, split: str) -> list[dict]:
+    root, name = Path(dataset.root), dataset.name
     lister = adapters.folder if name == FOLDER else DATASETS[name].lister
     entries = lister(root, split)
-    image_list = image_list_of(cfg, split)
+    image_list = image_list_of(dataset, split)
     if image_list is not None:
         listed = adapters.read_image_list(image_list)
         entries = adapters.select_listed(entries, listed)
@@ -57,35 +51,32 @@ def list_split(cfg: dict, split: str) -> list[dict]:
     return entries
 
 
-def prepare_index(cfg: dict, seed: int, check_images: bool = False, num_workers: int = 0) -> dict:
+def prepare_index(dataset: DatasetConfig, seed: int, check_images: bool = False, num_workers: int = 0) -> dict:
     """Make the dataset ready (the synthetic one is generated under root) and list its splits:
     {"dataset", "root", "splits": {split: [{"id", "image", "label"}]}, "skipped": {split: [...]}}, paths
     relative to root. With check_images, every image is decoded and unreadable ones are left out."""
-    root = Path(cfg["root"])
-    name = cfg["name"]
-    if name in ("synthetic", "synthetic-things"):
-        s = cfg.get("synthetic", {})
-        synthetic.write_synthetic_dataset(root, s["n_train"], s["n_val"], s["size"], seed)
-    elif name not in DATASETS and name != FOLDER:
-        raise InputValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
+    root = Path(dataset.root)
+    if dataset.synthetic is not None and dataset.name in ("synthetic", "synthetic-things"):
+        s = dataset.synthetic
+        synthetic.write_synthetic_dataset(root, s.n_train, s.n_val, s.size, seed)
     splits, skipped = {}, {}
     for split in ("train", "val"):
-        entries = list_split(cfg, split)
+        entries = list_split(dataset, split)
         if check_images:
             bad = find_unreadable(root, entries, num_workers)
             skipped[split] = sorted(bad)
             entries = [e for e in entries if e["image"] not in bad]
         splits[split] = entries
-    return {"dataset": name, "root": str(root), "splits": splits, "skipped": skipped,
-            "fingerprint": dataset_fingerprint(cfg, splits)}
+    return {"dataset": dataset.name, "root": str(root), "splits": splits, "skipped": skipped,
+            "fingerprint": dataset_fingerprint(dataset, splits)}
 
 
-def dataset_fingerprint(cfg: dict, splits: dict) -> dict:
+def dataset_fingerprint(dataset: DatasetConfig, splits: dict) -> dict:
     """What the index records of the files the pipeline reads, so that any change to them changes the index
     (and DVC re-runs what depends on it): the path, size and modification time of every listed image and label
     file, and the content of classes.yaml and of the image-list files. A stat per file, no reading: fast on
     COCO's 246k files. (A file rewritten with the same size and modification time goes unnoticed.)"""
-    root = Path(cfg["root"])
+    root = Path(dataset.root)
     digest, n_files, n_bytes = hashlib.sha256(), 0, 0
     for split in sorted(splits):
         for e in splits[split]:
@@ -94,7 +85,7 @@ def dataset_fingerprint(cfg: dict, splits: dict) -> dict:
                     st = os.stat(root / rel)
                     digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
                     n_files, n_bytes = n_files + 1, n_bytes + st.st_size
-    for path in [root / "classes.yaml"] + [image_list_of(cfg, split) for split in ("train", "val")]:
+    for path in [root / "classes.yaml"] + [image_list_of(dataset, split) for split in ("train", "val")]:
         if path is not None and path.is_file():
             digest.update(f"{path.name}\0".encode() + path.read_bytes())
     return {"files": n_files, "bytes": n_bytes, "sha256": digest.hexdigest()}

@@ -2,14 +2,18 @@
 and the raw-label map) and the dataset registry (docs/method.md, "Datasets and granularities")."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputValueError
 from . import adapters, labels, synthetic
+from .classes import load_classes
+
+if TYPE_CHECKING:
+    from ..config import DatasetConfig
 
 
 @dataclass(frozen=True)
@@ -83,64 +87,19 @@ def valid_pairs() -> str:
                               "dataset.n_things without labels"])
 
 
-def _folder_classes(cfg: dict):
-    """(names, kinds) from <root>/classes.yaml, or None when the folder has none.
-
-    classes.yaml: `classes: [{name: person, kind: thing}, {name: sky, kind: stuff}, ...]`; label PNG value
-    i is class i, 255 is ignored. A class of kind `background` (at most one, and no stuff classes) makes
-    the dataset things-only."""
-    path = Path(cfg["root"]) / "classes.yaml"
-    if not path.is_file():
-        return None
-    import yaml
-    expected = "expected `classes: [{name: ..., kind: thing|stuff|background}, ...]` (README, 'Your own images')"
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise InputValueError(f"{path}: not valid YAML ({e}); {expected}") from None
-    if not isinstance(doc, dict) or set(doc) != {"classes"} or not isinstance(doc["classes"], list) \
-            or not doc["classes"]:
-        extra = sorted(set(doc) - {"classes"}) if isinstance(doc, dict) else []
-        raise InputValueError(f"{path}: {expected}" + (f"; unknown key(s) {extra}" if extra else ""))
-    names, kinds = [], []
-    for i, entry in enumerate(doc["classes"]):
-        if not isinstance(entry, dict):
-            raise InputValueError(f"{path}: class {i} is {entry!r}; {expected}")
-        for key in sorted(set(entry) - {"name", "kind"}):
-            hint = difflib.get_close_matches(key, ["name", "kind"], n=1, cutoff=0.0)
-            raise InputValueError(f"{path}: class {i} ({entry.get('name', '?')}): unknown key '{key}' "
-                                  f"(valid: name, kind{'; did you mean ' + hint[0] + '?' if hint else ''}); "
-                                  f"{expected}")
-        for key in ("name", "kind"):
-            if key not in entry:
-                raise InputValueError(f"{path}: class {i} ({entry.get('name', '?')}): missing key '{key}'; {expected}")
-        names.append(str(entry["name"]))
-        kinds.append(str(entry["kind"]))
-    bad = sorted(set(kinds) - {"thing", "stuff", "background"})
-    if bad or kinds.count("background") > 1 or ("background" in kinds and "stuff" in kinds):
-        raise InputValueError(f"{path}: kinds must be thing / stuff / background, with at most one background "
-                         f"class and then no stuff classes; got {kinds}")
-    return names, kinds
+def dataset_is_things_only(dataset: DatasetConfig) -> bool:
+    """Whether a dataset is things-only (decided by the dataset, not the granularity)."""
+    if dataset.name != FOLDER:
+        return DATASETS[dataset.name].things_only
+    classes = load_classes(dataset.root)
+    return "background" in classes.kinds if classes else dataset.things_only
 
 
-def dataset_is_things_only(cfg: dict) -> bool:
-    """Whether the dataset of params `dataset` is things-only (decided by the dataset, not the granularity)."""
-    name = cfg["name"]
-    if name in DATASETS:
-        return DATASETS[name].things_only
+def resolve_task(dataset: DatasetConfig, granularity: int) -> Task:
+    """The Task for a dataset at a granularity, or an InputValueError listing the valid values."""
+    name = dataset.name
     if name == FOLDER:
-        classes = _folder_classes(cfg)
-        return "background" in classes[1] if classes else bool(cfg.get("things_only", False))
-    raise InputValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
-
-
-def resolve_task(cfg: dict, granularity: int) -> Task:
-    """The Task for params `dataset` at a granularity, or a ValueError listing the valid values."""
-    name = cfg["name"]
-    if name == FOLDER:
-        return _folder_task(cfg, granularity)
-    if name not in DATASETS:
-        raise InputValueError(f"dataset.name: unknown dataset '{name}'. Valid: {valid_pairs()}")
+        return _folder_task(dataset, granularity)
     spec = DATASETS[name]
     if granularity not in spec.granularities:
         raise InputValueError(f"granularity: {granularity} is not valid for dataset '{name}'. Valid: {valid_pairs()}")
@@ -157,15 +116,16 @@ def resolve_task(cfg: dict, granularity: int) -> Task:
     return Task(name, granularity, n_things, n_stuff, spec.things_only, tuple(names), lut, kinds)
 
 
-def _folder_task(cfg: dict, granularity: int) -> Task:
-    classes = _folder_classes(cfg)
+def _folder_task(dataset: DatasetConfig, granularity: int) -> Task:
+    root = Path(dataset.root)
+    classes = load_classes(root)
     if classes is not None:
-        names, kinds = classes
+        names, kinds = classes.names, classes.kinds
         n_things, n_stuff = kinds.count("thing"), kinds.count("stuff")
         if granularity != n_things + n_stuff:
-            raise InputValueError(f"granularity: {granularity} does not match {Path(cfg['root']) / 'classes.yaml'}, "
-                             f"which lists {n_things} thing and {n_stuff} stuff classes: use granularity "
-                             f"{n_things + n_stuff}")
+            raise InputValueError(f"granularity: {granularity} does not match {root / 'classes.yaml'}, "
+                                  f"which lists {n_things} thing and {n_stuff} stuff classes: use "
+                                  f"granularity {n_things + n_stuff}")
         order = list(range(len(names)))
         if "background" in kinds:  # background first, as the decoder's channel 0
             bg = kinds.index("background")
@@ -173,15 +133,15 @@ def _folder_task(cfg: dict, granularity: int) -> Task:
         lut = labels.lut_from({raw: order.index(raw) for raw in range(len(names))})
         return Task(FOLDER, granularity, n_things, n_stuff, "background" in kinds,
                     tuple(names[i] for i in order), lut, tuple(kinds[i] for i in order))
-    if (Path(cfg["root"]) / "labels").is_dir():
-        raise InputValueError(f"{Path(cfg['root']) / 'labels'} exists but {Path(cfg['root']) / 'classes.yaml'} does "
-                         f"not: labels need the class list (README, 'Your own images')")
-    only = bool(cfg.get("things_only", False))
-    n_things = granularity if only else int(cfg.get("n_things") or 0)
+    if (root / "labels").is_dir():
+        raise InputValueError(f"{root / 'labels'} exists but {root / 'classes.yaml'} does not: labels need the "
+                              f"class list (README, 'Your own images')")
+    only = dataset.things_only
+    n_things = granularity if only else dataset.n_things or 0
     if n_things < 1 or n_things > granularity or (not only and n_things == granularity):
         raise InputValueError(f"granularity / dataset.n_things: a folder without classes.yaml needs 1 <= "
-                         f"dataset.n_things < granularity (or dataset.things_only: true); got n_things="
-                         f"{cfg.get('n_things')}, granularity={granularity}")
+                              f"dataset.n_things < granularity (or dataset.things_only: true); got n_things="
+                              f"{dataset.n_things}, granularity={granularity}")
     n_stuff = granularity - n_things
     names = (["background"] if only else []) + [f"thing {i}" for i in range(n_things)] + \
         [f"stuff {i}" for i in range(n_stuff)]
