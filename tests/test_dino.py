@@ -245,10 +245,10 @@ def test_pretrain_resume_gives_the_uninterrupted_weights(tmp_path):
     summary = json.loads(split.with_name("d.pth.summary.json").read_text())
     assert (summary["steps_done"], summary["completed"], summary["stopped_by"]) == (3, False, "stop_after")
     build_backbone("vit_mini", 8, checkpoint=split)  # the stopped run's outputs are complete checkpoints
-    saved = torch.load(state, map_location="cpu", weights_only=False)
+    saved = torch.load(state, map_location="cpu", weights_only=True)  # no full unpickling: tensors and plain values
     assert saved["step"] == 3 and len(saved["trainer"]["history"]) == 3
     assert {"student", "teacher", "optimizer", "center", "generator", "history"} <= set(saved["trainer"])
-    assert {"torch", "numpy", "python"} <= set(saved["rng"])
+    assert len(saved["rng"]) == 1 and {"torch", "numpy", "python"} <= set(saved["rng"][0])  # one process's
 
     proc = run_pretrain([*common, "--out", str(split), "--resume"], tmp_path)
     assert proc.returncode == 0, proc.stderr

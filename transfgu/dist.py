@@ -198,6 +198,12 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of n items in epoch `epoch`: a permutation drawn from (seed, epoch) alone, so a resumed run
+    sees the same order without replaying the epochs before (GlobalBatchSampler; pretrain's batches)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 class GlobalBatchSampler(torch.utils.data.Sampler):
     """Training batches of a global size over all ranks: each epoch a permutation seeded by (seed, epoch)
     is cut into global batches, the last incomplete one dropped, and this rank takes its contiguous
@@ -213,7 +219,7 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def global_batches(self) -> list[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        order = epoch_permutation(self.n, self.seed, self.epoch)
         return [order[s:s + self.global_batch].tolist() for s in range(0, self.n - self.global_batch + 1,
                                                                         self.global_batch)]
 

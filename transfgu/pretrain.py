@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
 import math
@@ -41,11 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import restart_from_checkpoint, restore_rng, save_on_master
 from .data.images import ImageFiles, collect_images
 from .devices import to_device
 from .dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint
+from .dist import epoch_permutation
 from .errors import BadInput, InputValueError
-from .io import atomic_output
+from .io import atomic_output, fingerprint
 from .models.archs import ARCHS
 from .models.vit import DinoViT
 
@@ -130,32 +131,36 @@ def teacher_out_path(args) -> Path:
 
 
 def run_key(args, paths) -> str:
-    """What the result depends on: the arguments that change it and the list of image files."""
+    """What the result depends on (transfgu.io.fingerprint): the arguments that change it and the list of image
+    files."""
     config = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_IN_KEY}
     config["images"] = [str(p) for p in paths]
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(config)
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The index batches of one epoch: a permutation drawn from (seed, epoch) alone, cut into full batches (the
-    rest dropped), so a resumed run sees the same batches without replaying the data."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """The index batches of one epoch: its permutation (dist.epoch_permutation, drawn from (seed, epoch) alone)
+    cut into full batches (the rest dropped), so a resumed run sees the same batches without replaying the data."""
+    perm = epoch_permutation(n, seed, epoch)
     return list(perm[: n // batch_size * batch_size].split(batch_size))
 
 
-def rng_states() -> dict:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+def resume(state_path: Path, key: str, trainer, required: bool) -> int:
+    """The step to start from: the one of the state file of a run with this key (trainer and random generators
+    restored from it), else 0 (a warning when the file is another run's); `required` (--resume): no state file, or
+    another run's, is an InputValueError."""
+    run = {"step": 0, "rng": None}
+    if not state_path.is_file():
+        if required:
+            raise InputValueError(f"--resume: no state file {state_path}")
+        return 0
+    if not restart_from_checkpoint(state_path, run, key=key, trainer=trainer):
+        if required:
+            raise InputValueError(f"--resume: {state_path} is the state of a run with other arguments or images")
+        log.warning("%s is the state of a run with other arguments or images: starting afresh", state_path)
+        return 0
+    restore_rng(run["rng"])
+    return run["step"]
 
 
 class Images:
@@ -218,20 +223,9 @@ def run(args) -> dict:
     out = Path(args.out)
     state_path = out.with_name(out.name + ".state")
     key = run_key(args, paths)
-    start = 0
-    if state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state.get("key") == key:
-            trainer.load_state_dict(state["trainer"])
-            set_rng_states(state["rng"])
-            start = state["step"]
-            log.info("resumed from %s at step %d of %d", state_path, start, total)
-        elif args.resume:
-            raise InputValueError(f"--resume: {state_path} is the state of a run with other arguments or images")
-        else:
-            log.warning("%s is the state of a run with other arguments or images: starting afresh", state_path)
-    elif args.resume:
-        raise InputValueError(f"--resume: no state file {state_path}")
+    start = resume(state_path, key, trainer, args.resume)
+    if start:
+        log.info("resumed from %s at step %d of %d", state_path, start, total)
 
     n_params = sum(p.numel() for p in trainer.student.parameters())
     log.info("%d images at %d px, %s/%d + head (%d parameters) on %s; %d steps (%d per epoch) of %d images, "
@@ -241,9 +235,8 @@ def run(args) -> dict:
     images = Images(paths, image_size, device, args.preload, args.num_workers)
 
     def save_state(step: int) -> None:
-        obj = {"key": key, "step": step, "trainer": trainer.state_dict(), "rng": rng_states(), "args": vars(args)}
-        with atomic_output(state_path, durable=True) as tmp:
-            torch.save(obj, tmp)
+        save_on_master(state_path, {"key": key, "step": step, "args": json.dumps(vars(args), default=str)},
+                       trainer=trainer)
 
     log_every = args.log_every or steps_per_epoch
     budget = args.minutes * 60 if args.minutes is not None else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import numpy as np
 import torch
 
 from . import dist, faults
+from .checkpoint import restart_from_checkpoint, restore_rng, save_on_master
 from .dist import progress
-from .io import atomic_output
 from .augment import augment, draw_params
 from .data.dataset import images_on
 from .devices import to_device
@@ -115,27 +114,6 @@ class NonFiniteLoss(RuntimeError):
     """A NaN or infinite training loss: training stops at once (the last epoch's checkpoint is kept)."""
 
 
-def rng_state() -> dict:
-    """This process's random number generators (the global torch CPU generator: dropout and the DataLoader's
-    seeds; CUDA's; numpy's and python's), in types torch.load(weights_only=True) reads back."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
-                                                       gauss], "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    v, internal, gauss_next = state["python"]
-    random.setstate((v, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def remove_checkpoint(path: str | Path) -> None:
     """Once the results are written: the checkpoint is removed (fault point `train:end` before)."""
     faults.reached("train", "end")
@@ -157,6 +135,73 @@ def format_epoch(row: dict, epochs: int | None = None) -> str:
     return f"{head}: " + "; ".join(parts)
 
 
+def train_one_epoch(backbone, student, teacher, optimizer, train_loader, cfg: TrainConfig, things_only: bool,
+                    epoch: int, plan: EpochPlan, perm_gen: torch.Generator, device, on_step=None,
+                    kept: str = "no checkpoint kept") -> dict:
+    """One epoch of decoder steps (the teacher predicts when plan.bootstrapping); returns its history row without
+    validation: the losses averaged over the steps and the ranks, bootstrapping, handover. A NaN or infinite loss
+    raises NonFiniteLoss naming the epoch, the step and `kept` (what the checkpoint keeps)."""
+    p = backbone.patch_size
+    student.train()
+    if hasattr(getattr(train_loader, "batch_sampler", None), "set_epoch"):
+        train_loader.batch_sampler.set_epoch(epoch)
+    sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
+    n_batches = 0
+    for batch in progress(train_loader, desc=f"train epoch {epoch}", leave=False):
+        images = images_on(batch, device).float() / 255
+        maps = maps_on(batch["maps"], device)
+        R = images.shape[-1]
+        params = draw_params(cfg.seed, epoch, batch["index"].tolist(), R)
+        images, maps = augment(images, maps, params, R // 2, R // (2 * p))
+        perm = to_device(torch.randperm(maps.shape[1] + int(things_only), generator=perm_gen), device) \
+            if plan.bootstrapping else None
+        losses = train_step(backbone, student, teacher if plan.bootstrapping else None, optimizer, images, maps,
+                            cfg, things_only, plan.alpha, perm)
+        values = [v.item() for v in losses]
+        if not math.isfinite(values[0]):
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {n_batches}: " + ", ".join(
+                f"{k} {v}" for k, v in zip(sums, values)) + f"; training stopped, {kept}")
+        for k, v in zip(sums, values):
+            sums[k] += v
+        n_batches += 1
+        if on_step is not None:
+            on_step(epoch, {k: v.item() for k, v in zip(sums, losses)})
+    means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()
+    return {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in zip(sums, means.tolist())},
+            "bootstrapping": plan.bootstrapping, "handover": plan.handover}
+
+
+def evaluate(backbone, decoder, val_loader, n_classes: int, device, precision: str = "fp32") -> dict:
+    """The decoder's val scores over all ranks: {'val_miou', 'val_pixel_accuracy'} (leaves it in eval mode)."""
+    conf = dist.all_sum(Segmenter(backbone, decoder).confusion(val_loader, n_classes, device, "val",
+                                                               precision=precision))
+    s = segmentation_scores(conf)
+    return {"val_miou": s["miou"], "val_pixel_accuracy": s["pixel_accuracy"]}
+
+
+def wrap_ddp(decoder, device):
+    """The decoder as trained: under several processes a DistributedDataParallel (gradients averaged over ranks;
+    every rank holds the same weights), else itself."""
+    if dist.world_size() == 1:
+        return decoder
+    return torch.nn.parallel.DistributedDataParallel(
+        decoder, device_ids=[device] if torch.device(device).type == "cuda" else None)
+
+
+def resume_decoder(checkpoint, run: dict, epochs: int, device, on_epoch=None, **objects) -> None:
+    """Resume from `checkpoint` when it exists: the objects' states and `run`'s values (restart_from_checkpoint),
+    the initial and best weights moved to `device`; on_epoch sees the rows of the epochs done before."""
+    if checkpoint is None or not restart_from_checkpoint(checkpoint, run, **objects):
+        return
+    for sd in (run["init"], run["best"]):  # moved in place: the same OrderedDict (with its _metadata) is saved
+        for k, v in sd.items():
+            sd[k] = v.to(device)
+    log.info("resuming from %s: epochs 0-%d done, %d to go", checkpoint, run["epoch"], epochs - run["epoch"] - 1)
+    if on_epoch is not None:
+        for row in run["history"]:  # the log of the epochs done before (their per-step losses are not kept)
+            on_epoch(row)
+
+
 def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
                   n_classes: int, device, on_epoch=None, on_step=None, checkpoint: str | Path | None = None):
     """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
@@ -168,106 +213,48 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
     'loss_uncertainty', 'loss_cls_emb'}, this process's batch).
 
     checkpoint: a file where the whole state is kept after every epoch (rank 0 writes it atomically, every rank
-    reads it): student, teacher, initial weights (for the resets), optimizer, every random generator (each
-    rank's torch / CUDA / numpy / python ones, the concept permutation generator), history and the best state so
-    far. When it exists, training resumes at the next epoch and ends with the same weights and history as an
-    uninterrupted run (on the CPU, with the same number of processes: with another number, rank r takes the
-    random state of rank r % the old number and a warning says so). The caller removes it once the results are
-    written (`remove_checkpoint`). A NaN or infinite loss raises NonFiniteLoss at once, naming the epoch and
-    the step; the checkpoint keeps the last good epoch."""
-    p = backbone.patch_size
+    reads it; transfgu.checkpoint): student, teacher, initial weights (for the resets), optimizer, every random
+    generator (each rank's torch / CUDA / numpy / python ones, the concept permutation generator), history and the
+    best state so far. When it exists, training resumes at the next epoch and ends with the same weights and
+    history as an uninterrupted run (on the CPU, with the same number of processes: with another number, rank r
+    takes the random state of rank r % the old number and a warning says so). The caller removes it once the
+    results are written (`remove_checkpoint`). A NaN or infinite loss raises NonFiniteLoss at once, naming the
+    epoch and the step; the checkpoint keeps the last good epoch."""
     decoder.to(device)
-    init_state = copy.deepcopy(decoder.state_dict())
+    run = {"epoch": -1, "init": copy.deepcopy(decoder.state_dict()), "history": [], "best": None,
+           "best_score": -np.inf, "rng": None}
     teacher = copy.deepcopy(decoder).eval()
     optimizer = torch.optim.Adam(decay_groups(decoder.named_parameters(), cfg.weight_decay), lr=cfg.lr)
-    perm_gen = torch.Generator().manual_seed(cfg.seed)
+    objects = {"student": decoder, "teacher": teacher, "optimizer": optimizer,
+               "perm_gen": torch.Generator().manual_seed(cfg.seed)}
     plans = bootstrap_schedule(cfg.epochs, cfg.bootstrap_start, cfg.bootstrap_intervals, cfg.bootstrap_block)
-    history, best, best_score, start, rngs = [], None, -np.inf, 0, None
-    if checkpoint is not None and dist.broadcast_object(Path(checkpoint).is_file()):
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        decoder.load_state_dict(state["student"])
-        teacher.load_state_dict(state["teacher"])
-        init_state, best = state["init"], state["best"]
-        for sd in (init_state, best):  # moved in place: the same OrderedDict (with its _metadata) is saved
-            for k, v in sd.items():
-                sd[k] = v.to(device)
-        optimizer.load_state_dict(state["optimizer"])
-        perm_gen.set_state(state["perm_gen"])
-        history, best_score, start, rngs = state["history"], state["best_score"], state["epoch"] + 1, state["rng"]
-        if len(rngs) != dist.world_size():
-            log.warning("the checkpoint was written by %d process(es), this run has %d: rank r continues with the "
-                        "random state of rank r %% %d (dropout masks differ from an uninterrupted run)",
-                        len(rngs), dist.world_size(), len(rngs))
-        log.info("resuming from %s: epochs 0-%d done, %d to go", checkpoint, start - 1, cfg.epochs - start)
-        if on_epoch is not None:
-            for row in history:  # the log of the epochs done before (their per-step losses are not kept)
-                on_epoch(row)
-    student = decoder
-    if dist.world_size() > 1:  # gradients averaged over ranks; every rank holds the same weights
-        student = torch.nn.parallel.DistributedDataParallel(
-            decoder, device_ids=[device] if torch.device(device).type == "cuda" else None)
-    if rngs is not None:
-        set_rng_state(rngs[dist.rank() % len(rngs)])
-    for epoch, plan in enumerate(plans):
-        if epoch < start:
-            continue
-        t0 = time.time()
+    resume_decoder(checkpoint, run, cfg.epochs, device, on_epoch, **objects)
+    student, start = wrap_ddp(decoder, device), run["epoch"] + 1
+    if run["rng"] is not None:
+        restore_rng(run["rng"])
+    for epoch in range(start, cfg.epochs):
+        t0, plan = time.time(), plans[epoch]
         if plan.handover:
             teacher.load_state_dict(decoder.state_dict())
-            decoder.load_state_dict(init_state)
-        decoder.train()
-        if hasattr(getattr(train_loader, "batch_sampler", None), "set_epoch"):
-            train_loader.batch_sampler.set_epoch(epoch)
-        sums = {"loss": 0.0, "loss_cat": 0.0, "loss_uncertainty": 0.0, "loss_cls_emb": 0.0}
-        n_batches = 0
-        for batch in progress(train_loader, desc=f"train epoch {epoch}", leave=False):
-            images = images_on(batch, device).float() / 255
-            maps = maps_on(batch["maps"], device)
-            R = images.shape[-1]
-            params = draw_params(cfg.seed, epoch, batch["index"].tolist(), R)
-            images, maps = augment(images, maps, params, R // 2, R // (2 * p))
-            perm = to_device(torch.randperm(maps.shape[1] + int(things_only), generator=perm_gen), device) \
-                if plan.bootstrapping else None
-            losses = train_step(backbone, student, teacher if plan.bootstrapping else None, optimizer, images, maps,
-                                cfg, things_only, plan.alpha, perm)
-            values = [v.item() for v in losses]
-            if not math.isfinite(values[0]):
-                kept = f"{checkpoint} keeps epoch {epoch - 1}" if checkpoint is not None and epoch > 0 else \
-                    "no checkpoint kept"
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, step {n_batches}: " + ", ".join(
-                    f"{k} {v}" for k, v in zip(sums, values)) + f"; training stopped, {kept}")
-            for k, v in zip(sums, values):
-                sums[k] += v
-            n_batches += 1
-            if on_step is not None:
-                on_step(epoch, {k: v.item() for k, v in zip(sums, losses)})
-        means = dist.all_sum(np.array(list(sums.values()), dtype=np.float64)) / dist.world_size()
-        row = {"epoch": epoch, **{k: v / max(n_batches, 1) for k, v in zip(sums, means.tolist())},
-               "bootstrapping": plan.bootstrapping, "handover": plan.handover}
+            decoder.load_state_dict(run["init"])
+        kept = f"{checkpoint} keeps epoch {epoch - 1}" if checkpoint is not None and epoch > 0 else \
+            "no checkpoint kept"
+        row = train_one_epoch(backbone, student, teacher, optimizer, train_loader, cfg, things_only, epoch, plan,
+                              objects["perm_gen"], device, on_step, kept)
         score = float(epoch)
         if val_loader is not None:
-            conf = dist.all_sum(Segmenter(backbone, decoder).confusion(val_loader, n_classes, device, "val",
-                                                                       precision=cfg.precision))
-            s = segmentation_scores(conf)
-            row.update(val_miou=s["miou"], val_pixel_accuracy=s["pixel_accuracy"])
-            score = s["miou"] + s["pixel_accuracy"]
+            row.update(evaluate(backbone, decoder, val_loader, n_classes, device, cfg.precision))
+            score = row["val_miou"] + row["val_pixel_accuracy"]
         row["seconds"] = time.time() - t0
-        history.append(row)
+        run["history"].append(row)
         log.info("%s", format_epoch(row, cfg.epochs))
-        if score > best_score:
-            best_score, best = score, copy.deepcopy(decoder.state_dict())
-        if checkpoint is not None:
-            rngs = dist.all_gather_objects(rng_state())  # after the epoch's last draw (validation included)
-            if dist.is_main():
-                state = {"epoch": epoch, "student": decoder.state_dict(), "teacher": teacher.state_dict(),
-                         "init": init_state, "optimizer": optimizer.state_dict(), "perm_gen": perm_gen.get_state(),
-                         "rng": rngs, "sampler_epoch": epoch, "history": history, "best": best,
-                         "best_score": best_score}
-                with atomic_output(checkpoint, durable=True) as tmp:
-                    torch.save(state, tmp)
-                    faults.reached("train", epoch + 1 - start, partial=True)
-            dist.barrier()  # every rank past this point: the epoch is stored
+        if score > run["best_score"]:
+            run["best_score"], run["best"] = score, copy.deepcopy(decoder.state_dict())
+        if checkpoint is not None:  # the random states after the epoch's last draw (validation included)
+            save_on_master(checkpoint, {**{k: run[k] for k in ("init", "history", "best", "best_score")},
+                                        "epoch": epoch, "sampler_epoch": epoch},
+                           on_written=lambda: faults.reached("train", epoch + 1 - start, partial=True), **objects)
             faults.reached("train", epoch + 1 - start)
         if on_epoch is not None:
             on_epoch(row)
-    return best, history
+    return run["best"], run["history"]
