@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from .cluster import kmeans
-from .dist import progress
+from .progress import progress
 from .metrics import confusion_matrix
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 
 from . import pretrain
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
-from .dist import progress
+from .progress import progress
 from .errors import BadInput, InputFileNotFound, InputValueError
 from .matching import ClusterNames, read_cluster_classes, unmatched_clusters
 from .models.archs import ARCHS

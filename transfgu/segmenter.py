@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dist import progress
+from .progress import progress
 from .metrics import confusion_matrix, upsample_argmax
 from .precision import autocast
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from . import dist, faults
-from .dist import progress
+from .progress import progress
 from .io import fsync_file
 
 log = logging.getLogger(__name__)

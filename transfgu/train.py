@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import dist, faults
-from .dist import progress
+from .progress import progress
 from .io import atomic_output
 from .augment import augment, draw_params
 from .data.dataset import images_on

@@ -103,7 +103,7 @@ def dataset_fingerprint(cfg: dict, splits: dict) -> dict:
 def find_unreadable(root: Path, entries: list[dict], num_workers: int = 0) -> dict:
     """{relative image path: reason} for the images that cannot be decoded."""
     from concurrent.futures import ThreadPoolExecutor
-    from ..dist import progress
+    from ..progress import progress
     paths = [root / e["image"] for e in entries]
     with ThreadPoolExecutor(max(num_workers, 1)) as pool:
         results = list(progress(pool.map(unreadable, paths), total=len(paths), desc="checking images", leave=False))
