@@ -28,7 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from common import DECODER, INDEX, OUT, log, run_key, setup, stage_main, task_of, timed
 from runtime import backbone_of, device, precision_of, workers_of
 
-from transfgu import dist
+from transfgu import dist, faults
 from transfgu.baselines import patch_kmeans_confusion
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
@@ -36,8 +36,8 @@ from transfgu.io import atomic_output, link_tree, read_json, write_json
 from transfgu.matching import match_clusters, unmatched_clusters, write_cluster_classes
 from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
+from transfgu.pieces import BatchPieces, gather_batches
 from transfgu.segmenter import Segmenter
-from transfgu.shards import BatchPieces, gather_batches
 from transfgu.viz import comparison_picture
 
 
@@ -80,7 +80,7 @@ def main(args=None):
              f"{len(names)} classes" if labelled else "no labels: predictions only", precision)
     key = run_key("evaluate", params, [INDEX, decoder_path], precision=precision, device=dev.type)
     pieces = BatchPieces(out / "predictions", data, int(cfg["batch_size"]), workers_of(params, "evaluate"), key,
-                         "evaluate")
+                         "evaluate", on_point=faults.hook("evaluate"))
     predictions_dir = pieces.dir / "predictions"  # every rank writes its images' predictions there
     predictions_dir.mkdir(exist_ok=True)
     n_pictures, n_classes = int(cfg["n_pictures"]), len(names)

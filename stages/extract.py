@@ -10,13 +10,13 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from common import FEATURE_BANK, INDEX, log, run_key, setup, size_mb, stage_main, timed
 from runtime import backbone_of, decode_of, device, precision_of, workers_of
 
-from transfgu import dist
+from transfgu import dist, faults
 from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows
 from transfgu.data.dataset import SplitDataset, images_on
 from transfgu.data.tasks import dataset_is_things_only
 from transfgu.feature_bank import batch_arrays, groups_of, write_feature_bank
 from transfgu.io import read_json
-from transfgu.shards import BatchPieces
+from transfgu.pieces import BatchPieces
 
 
 @record
@@ -39,7 +39,8 @@ def main():
              len(data), 2 * R, len(windows), list(sizes), R, ", things only" if things_only else "", precision,
              dist.world_size())
     key = run_key("extract", params, [INDEX], precision=precision, device=dev.type)
-    pieces = BatchPieces(FEATURE_BANK, data, int(cfg["batch_size"]), workers_of(params, "extract"), key, "extract")
+    pieces = BatchPieces(FEATURE_BANK, data, int(cfg["batch_size"]), workers_of(params, "extract"), key, "extract",
+                         on_point=faults.hook("extract"))
     with timed("extract"):
         for batch, save in pieces.batches("extract"):
             images = backbone.normalize(images_on(batch, dev).float() / 255)

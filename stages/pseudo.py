@@ -14,7 +14,7 @@ from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, run_key
                     task_of, timed)
 from runtime import backbone_of, decode_of, device, grad_scale_of, precision_of, workers_of
 
-from transfgu import dist, pseudo_store
+from transfgu import dist, faults, pseudo_store
 from transfgu.crops import attention_foreground
 from transfgu.data.dataset import SplitDataset, images_on
 from transfgu.data.index import split_is_labelled
@@ -22,8 +22,8 @@ from transfgu.io import read_json, write_json
 from transfgu.losses import soft_targets
 from transfgu.metrics import (confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores,
                               upsample_argmax)
+from transfgu.pieces import BatchPieces
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
-from transfgu.shards import BatchPieces
 
 
 @record
@@ -55,7 +55,7 @@ def main():
     thing_ids = [c for c, kind in enumerate(task.class_kinds) if kind == "thing"]
     key = run_key("pseudo", params, [INDEX, CENTROIDS], precision=precision, device=dev.type)
     pieces = BatchPieces(PSEUDO_MASKS, data, int(cfg["batch_size"]), workers_of(params, "pseudo"), key, "pseudo",
-                         packed=pseudo_store.PACKED)
+                         packed=pseudo_store.PACKED, on_point=faults.hook("pseudo"))
     with timed("pseudo"):
         for batch, save in pieces.batches("pseudo"):
             images = backbone.normalize(images_on(batch, dev).float() / 255)

@@ -24,11 +24,12 @@ from runtime import backbone_of, decode_of, device, precision_of, workers_of
 from transfgu import dist
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
+from transfgu.data.loaders import my_loader
 from transfgu.dist import GlobalBatchSampler
 from transfgu.io import atomic_output, read_json
 from transfgu.models.decoder import build_decoder
+from transfgu.pieces import keyed_path
 from transfgu.pseudo_store import PseudoMaskReader, check_pseudo_masks
-from transfgu.shards import keyed_path, my_loader
 from transfgu.train import NonFiniteLoss, TrainConfig, remove_checkpoint, train_decoder
 
 LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "val_miou", "val_pixel_accuracy",
