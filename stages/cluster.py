@@ -3,9 +3,9 @@ import numpy as np
 
 from common import CENTROIDS, FEATURE_BANK, log, setup, stage_main, task_of, timed
 
+from transfgu.centroids import write_centroids
 from transfgu.cluster import describe_backend, kmeans, resolve_backend
 from transfgu.feature_bank import read_features
-from transfgu.io import atomic_output
 
 
 @stage_main
@@ -24,8 +24,7 @@ def main():
             parts.append(kmeans(x, k, int(cfg["niter"]), seed, backend=backend, name=f"{group} crops",
                                 nredo=int(cfg.get("nredo", 1))))
     centroids = np.concatenate(parts)
-    with atomic_output(CENTROIDS) as tmp, open(tmp, "wb") as f:
-        np.savez(f, centroids=centroids, n_things=task.n_things, n_stuff=task.n_stuff)
+    write_centroids(CENTROIDS, centroids, task.n_things, task.n_stuff)
     log.info("wrote %s: %d centroids (%d things, %d stuff)", CENTROIDS, len(centroids), task.n_things,
              task.n_stuff)
 

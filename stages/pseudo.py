@@ -15,6 +15,7 @@ from common import (CENTROIDS, INDEX, PSEUDO_MASKS, PSEUDO_METRICS, log, run_key
 from runtime import backbone_of, decode_of, device, grad_scale_of, precision_of, workers_of
 
 from transfgu import dist, faults, pseudo_store
+from transfgu.centroids import read_centroids
 from transfgu.crops import attention_foreground
 from transfgu.data.dataset import SplitDataset, images_on
 from transfgu.data.index import split_is_labelled
@@ -34,13 +35,7 @@ def main():
     dev = device()
     backbone = backbone_of(params, dev)
     precision = precision_of(params, "pseudo", dev, default="fp32")
-    if not CENTROIDS.is_file():
-        raise SystemExit(f"{CENTROIDS} not found: run the cluster stage first (dvc repro)")
-    stored = np.load(CENTROIDS)
-    if (int(stored["n_things"]), int(stored["n_stuff"])) != (task.n_things, task.n_stuff):
-        raise SystemExit(f"{CENTROIDS} holds {int(stored['n_things'])}+{int(stored['n_stuff'])} concepts, "
-                         f"granularity {task.granularity} needs {task.n_things}+{task.n_stuff}: re-run cluster")
-    centroids = torch.from_numpy(stored["centroids"]).to(dev)
+    centroids = torch.from_numpy(read_centroids(CENTROIDS, task.n_things, task.n_stuff, task.granularity)).to(dev)
     index = read_json(INDEX)
     labelled = split_is_labelled(index, "train", task)
     data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=decode_of(params, "pseudo"),
