@@ -15,8 +15,8 @@ from .tasks import DATASETS, FOLDER, Task, valid_pairs
 log = logging.getLogger(__name__)
 
 
-# Image lists shipped with the project (data/lists/), selected by name with dataset.image_list.
-SHIPPED_LISTS = Path(__file__).resolve().parents[2] / "data" / "lists"
+# Image lists shipped in the package (transfgu/data/lists/, package data), selected by name with dataset.image_list.
+SHIPPED_LISTS = Path(__file__).resolve().parent / "lists"
 
 
 def image_list_of(cfg: dict, split: str) -> Path | None:
