@@ -26,13 +26,13 @@ from PIL import Image
 
 from . import pretrain
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
-from .progress import progress
 from .errors import BadInput, InputFileNotFound, InputValueError
 from .matching import ClusterNames, read_cluster_classes, unmatched_clusters
 from .models.archs import ARCHS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
+from .progress import progress
 from .segmenter import Segmenter
 from .viz import colorize
 

@@ -33,12 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from .progress import progress as show_progress
 from .augment import color_jitter, gaussian_blur3, grayscale
 from .devices import to_device
 from .io import atomic_output
 from .models.vit import DinoViT
 from .optim import clip_each_, decay_groups
+from .progress import progress as show_progress
 
 
 # -- projection head --------------------------------------------------------------------------------

@@ -39,8 +39,8 @@ import numpy as np
 
 from . import dist
 from .data.loaders import batch_loader
-from .progress import progress
 from .io import fsync_file
+from .progress import progress
 
 log = logging.getLogger(__name__)
 

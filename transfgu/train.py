@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from . import dist, faults
-from .progress import progress
 from .io import atomic_output
 from .augment import augment, draw_params
 from .data.dataset import images_on
@@ -22,6 +21,7 @@ from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, so
 from .metrics import segmentation_scores
 from .optim import decay_groups
 from .precision import autocast
+from .progress import progress
 from .pseudo import maps_on
 from .segmenter import Segmenter, encode
 
