@@ -43,10 +43,10 @@ from transfgu.crops import (THING_STUFF_WINDOW_SIZES, crop_features, crop_window
                             select_crops, window_pixel_boxes)
 from transfgu.data.dataset import SplitDataset, images_on  # noqa: E402
 from transfgu.data.synthetic import generate_scene  # noqa: E402
-from transfgu.shards import (COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate,  # noqa: E402
-                             write_piece)
 from transfgu.models.decoder import build_decoder  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
+from transfgu.pieces import (COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate,  # noqa: E402
+                             write_piece)
 from transfgu.precision import resolve_precision  # noqa: E402
 from transfgu.pseudo import maps_on, pseudo_mask_parts, pseudo_masks  # noqa: E402
 from transfgu.pseudo_store import PseudoMaskReader, read_pseudo_masks  # noqa: E402

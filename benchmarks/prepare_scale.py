@@ -71,7 +71,6 @@ def main(argv=None) -> None:
     for name in ("stages", "transfgu"):
         shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
-    shutil.copytree(REPO / "data" / "lists", project / "data" / "lists")
     t0 = time.perf_counter()
     build_tree(project / "data" / "big", args.images)
     print(json.dumps({"what": "build tree", "images": args.images, "files": 2 * args.images + 1,

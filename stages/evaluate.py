@@ -6,7 +6,7 @@ metrics.json (the DVC metric) holds the headline numbers only (miou, pixel_accur
 miou_things / miou_stuff); eval_details.json the counts; cluster_classes.json which class each decoder output
 stands for (read by `transfgu predict`).
 
-Every batch's prediction PNGs go to a folder beside its piece (transfgu/shards.py), which keeps the batch's
+Every batch's prediction PNGs go to a folder beside its piece (transfgu/pieces.py), which keeps the batch's
 confusion counts and the pictures' data; under torchrun each rank takes every world-th batch still to do;
 rank 0 sums the pieces' counts and writes the results. A re-run after an interruption computes only the
 batches without a piece (docs/usage.md, "Interrupted runs").
@@ -33,7 +33,7 @@ from transfgu.matching import match_clusters, unmatched_clusters, write_cluster_
 from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores
 from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.segmenter import Segmenter
-from transfgu.shards import BatchPieces, gather_batches
+from transfgu.pieces import gather_batches
 from transfgu.stage import log, run_stage
 from transfgu.viz import comparison_picture
 
@@ -117,7 +117,7 @@ def main(stage, args):
     log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
              f"{len(names)} classes" if labelled else "no labels: predictions only", precision)
     key = stage.run_key([stage.dep("index.json"), decoder_path], precision=precision, device=stage.device.type)
-    pieces = BatchPieces(out / "predictions", data, cfg.batch_size, stage.workers(), key, "evaluate")
+    pieces = stage.pieces(out / "predictions", data, cfg.batch_size, key)
     with stage.timed():
         predictions_dir = predict_split(stage, Segmenter(backbone, decoder), data, pieces, cfg.n_pictures, labelled,
                                         entries)

@@ -1,6 +1,6 @@
 """extract: the crop [CLS] feature bank of the train split (docs/method.md section 1).
 
-Every batch's crop features are kept in a piece (transfgu/shards.py) as soon as they are computed; under torchrun
+Every batch's crop features are kept in a piece (transfgu/pieces.py) as soon as they are computed; under torchrun
 each rank takes every world-th batch still to do; rank 0 assembles the pieces in batch order, so the feature
 bank is the same file whatever the number of processes. A re-run after an interruption computes only the
 batches without a piece (docs/usage.md, "Interrupted runs")."""
@@ -11,7 +11,6 @@ from transfgu.crops import THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, c
 from transfgu.data.dataset import SplitDataset, images_on
 from transfgu.feature_bank import batch_arrays, groups_of, write_feature_bank
 from transfgu.io import size_mb
-from transfgu.shards import BatchPieces
 from transfgu.stage import log, run_stage
 
 
@@ -29,7 +28,7 @@ def main(stage):
              len(data), 2 * R, len(windows), list(sizes), R, ", things only" if things_only else "", precision,
              dist.world_size())
     key = stage.run_key([stage.dep("index.json")], precision=precision, device=dev.type)
-    pieces = BatchPieces(out, data, cfg.batch_size, stage.workers(), key, "extract")
+    pieces = stage.pieces(out, data, cfg.batch_size, key)
     with stage.timed():
         for batch, save in pieces.batches("extract"):
             images = backbone.normalize(images_on(batch, dev).float() / 255)

@@ -2,7 +2,7 @@
 own quality against the ground truth where the split has labels.
 
 Every batch's maps, with its counts for the metrics (confusion matrix, stored-label agreement, attention
-foreground), are kept in a piece (transfgu/shards.py) as soon as they are computed; under torchrun each rank
+foreground), are kept in a piece (transfgu/pieces.py) as soon as they are computed; under torchrun each rank
 takes every world-th batch still to do; rank 0 assembles the pieces in batch order (the same file whatever the
 number of processes) and sums their counts. A re-run after an interruption computes only the batches without
 a piece (docs/usage.md, "Interrupted runs")."""
@@ -20,7 +20,6 @@ from transfgu.losses import soft_targets
 from transfgu.metrics import (confusion_matrix, foreground_thing_counts, miou_by_kind, segmentation_scores,
                               upsample_argmax)
 from transfgu.pseudo import assemble_pseudo_masks, pseudo_mask_parts
-from transfgu.shards import BatchPieces
 from transfgu.stage import log, run_stage
 
 
@@ -63,7 +62,7 @@ def main(stage):
     task, cfg, R, dev = stage.params.task, stage.config, stage.params.dataset.R, stage.device
     index, centroids_path, out = stage.index, stage.dep("centroids.npz"), stage.out("pseudo_masks.h5")
     backbone, precision = stage.backbone(), stage.precision()
-    centroids = torch.from_numpy(read_centroids(centroids_path, task.n_things, task.n_stuff)).to(dev)
+    centroids = torch.from_numpy(read_centroids(centroids_path, task.n_things, task.n_stuff, task.granularity)).to(dev)
     labelled = split_is_labelled(index, "train", task)
     data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=cfg.decode)
     h = R // backbone.patch_size
@@ -72,7 +71,7 @@ def main(stage):
              len(data), R, len(centroids), h, h, scale, precision, dist.world_size())
     thing_ids = [c for c, kind in enumerate(task.class_kinds) if kind == "thing"]
     key = stage.run_key([stage.dep("index.json"), centroids_path], precision=precision, device=dev.type)
-    pieces = BatchPieces(out, data, cfg.batch_size, stage.workers(), key, "pseudo", packed=pseudo_store.PACKED)
+    pieces = stage.pieces(out, data, cfg.batch_size, key, packed=pseudo_store.PACKED)
     with stage.timed():
         for batch, save in pieces.batches("pseudo"):
             images = backbone.normalize(images_on(batch, dev).float() / 255)

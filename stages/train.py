@@ -12,13 +12,14 @@ import torch
 from transfgu import dist
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
+from transfgu.data.loaders import my_loader
 from transfgu.dist import GlobalBatchSampler
 from transfgu.errors import InputValueError
 from transfgu.io import atomic_output
 from transfgu.live import LiveLog, write_train_log
 from transfgu.models.decoder import build_decoder
+from transfgu.pieces import keyed_path
 from transfgu.pseudo_store import PseudoMaskReader, check_pseudo_masks
-from transfgu.shards import keyed_path, my_loader
 from transfgu.stage import log, run_stage
 from transfgu.train import NonFiniteLoss, TrainConfig, remove_checkpoint, train_decoder
 

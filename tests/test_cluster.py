@@ -201,3 +201,18 @@ def test_torch_backend_leaves_matmul_precision_as_it_was():
     before = torch.backends.cuda.matmul.fp32_precision
     kmeans(gaussian_cloud(50, 4), 2, niter=2, backend="torch", device="cpu")
     assert torch.backends.cuda.matmul.fp32_precision == before
+
+
+def test_centroids_file_round_trip_and_its_checks(tmp_path):
+    """transfgu.centroids: what cluster writes pseudo reads back; the counts are checked, a missing file named."""
+    from transfgu.centroids import read_centroids, write_centroids
+    from transfgu.errors import InputFileNotFound, InputValueError
+    c = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    write_centroids(tmp_path / "centroids.npz", c, 2, 3)
+    with np.load(tmp_path / "centroids.npz") as f:
+        assert sorted(f.files) == ["centroids", "n_stuff", "n_things"] and int(f["n_things"]) == 2
+    np.testing.assert_array_equal(read_centroids(tmp_path / "centroids.npz", 2, 3), c)
+    with pytest.raises(InputValueError, match=r"holds 2\+3 concepts, granularity fine needs 3\+2: re-run cluster"):
+        read_centroids(tmp_path / "centroids.npz", 3, 2, "fine")
+    with pytest.raises(InputFileNotFound, match="run the cluster stage first"):
+        read_centroids(tmp_path / "none.npz", 2, 3)

@@ -34,7 +34,7 @@ def repro(root) -> set:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("tracking")
-    copy_project(root, default_params(TINY), dvc=True)
+    copy_project(root, default_params(TINY))
     trees.make_folder(root / "data" / "folder")
     (root / ".gitignore").write_text("/data/folder/\n__pycache__/\n")
     run(["git", "init", "-q"], root)

@@ -576,7 +576,7 @@ def test_folder_n_things_is_null_or_positive(tree):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The curated COCO-Stuff lists shipped in data/lists/ (dataset.image_list: curated)
+# The curated COCO-Stuff lists shipped in transfgu/data/lists/ (dataset.image_list: curated)
 # ---------------------------------------------------------------------------------------------------------
 def test_shipped_curated_lists_hold_the_published_counts():
     from transfgu.data.adapters import read_image_list
@@ -609,3 +609,18 @@ def test_unknown_shipped_list_name_is_an_error(tree):
         dataset_cfg("voc", tree["voc"], image_list="curated")
     with pytest.raises(ValueError, match=r"dataset.image_list: expected null"):
         dataset_cfg("cocostuff", tree["coco"], image_list={"train": None, "test": "x.txt"})
+
+
+def test_shipped_lists_are_package_data():
+    """The lists are found inside the package (importlib.resources), not beside a source checkout, and
+    pyproject.toml declares them as package data, so a non-editable install ships them."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from importlib.resources import files
+
+    from transfgu.data.index import SHIPPED_LISTS
+    shipped = files("transfgu.data") / "lists"
+    assert Path(str(shipped)).resolve() == SHIPPED_LISTS
+    globs = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"]["transfgu.data"]
+    names = {p.name for g in globs for p in SHIPPED_LISTS.parent.glob(g)}
+    assert {"cocostuff_curated_train.txt", "cocostuff_curated_val.txt"} <= names

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from transfgu.io import atomic_output
-from transfgu.shards import COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate, write_piece
+from transfgu.pieces import COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate, write_piece
 
 
 def gradient_like(rng, n, K=5, h=4):
@@ -141,3 +141,17 @@ def test_loader_ships_the_stored_parts_and_maps_on_assembles_them(tmp_path):
     np.testing.assert_array_equal(maps.numpy(), expected)
     plain = torch.from_numpy(expected)
     assert torch.equal(maps_on(plain, torch.device("cpu")), plain)  # assembled maps pass through
+
+
+def test_on_point_sees_each_piece_written_then_in_place(tmp_path):
+    """The hook the stages pass (transfgu.faults.hook): the n-th piece of a writer, once under its temporary
+    name (partial=True, the piece not yet there) and once in place."""
+    seen = []
+
+    def on_point(n, partial=False):
+        seen.append((n, partial, (tmp_path / piece_name(n + 6)).exists()))
+
+    with PieceWriter(tmp_path, on_point=on_point) as w:
+        for b in (7, 8):
+            w.write(b, {"x": np.arange(3)})
+    assert seen == [(1, True, False), (1, False, True), (2, True, False), (2, False, True)]

@@ -40,7 +40,7 @@ def ran_stages(output: str) -> set:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     root = tmp_path_factory.mktemp("project")
-    copy_project(root, default_params(TINY), dvc=True)  # dvc.yaml and the shipped lists prepare depends on
+    copy_project(root, default_params(TINY))
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
     run(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)

@@ -171,6 +171,24 @@ def test_load_dino_checkpoint_variants(tmp_path, variant):
         assert torch.equal(v, sd[k]), k
 
 
+class _Marker:
+    """A pickled object that is neither a tensor nor plain data."""
+
+
+def test_load_dino_checkpoint_with_other_objects_is_one_line_error(tmp_path):
+    """A file holding other pickled objects is not unpickled (weights_only): an InputValueError naming the file,
+    the object's class and how to convert the file; argparse.Namespace (DINO's full checkpoints) is allowed."""
+    from transfgu.errors import InputValueError
+    path = tmp_path / "odd.pth"
+    torch.save({"teacher": dict(_source_state()), "extra": _Marker()}, path)
+    model = build_backbone("vit_mini", 8, checkpoint=None)
+    with pytest.raises(InputValueError) as err:
+        load_dino_checkpoint(model, path)
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "_Marker" in message
+    assert "pickled objects other than tensors" in message and "weights_only=False" in message
+
+
 def test_load_dino_checkpoint_missing_file(tmp_path):
     """A missing file is a FileNotFoundError naming the path and where DINO weights are published."""
     path = tmp_path / "weight" / "dino" / "dino_deitsmall8_pretrain.pth"

@@ -1,5 +1,5 @@
 """Helpers of the tests that run the stages on a tiny copy of the project: params merged over the defaults, the
-code (and, for DVC, dvc.yaml and the shipped lists) copied into a temporary folder."""
+code (with the shipped lists; for DVC, dvc.yaml) copied into a temporary folder."""
 from __future__ import annotations
 
 import copy
@@ -42,15 +42,13 @@ def default_params(over: dict | None = None) -> dict:
     return merge(copy.deepcopy(yaml.safe_load((REPO / "params.yaml").read_text())), over or {})
 
 
-def copy_project(root: Path, params: dict | None = None, dvc: bool = False, code=("stages", "transfgu")) -> Path:
-    """The code and dvc.yaml (which the stages read their files and params from) into `root` (with the shipped
-    image lists when `dvc`), params.yaml if given."""
+def copy_project(root: Path, params: dict | None = None, code=("stages", "transfgu")) -> Path:
+    """The code (with the shipped image lists, package data) and dvc.yaml (which the stages read their files and
+    params from) into `root`, params.yaml if given."""
     root = Path(root)
     for name in code:
         shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    if dvc:
-        shutil.copytree(REPO / "data" / "lists", root / "data" / "lists")
     if params is not None:
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from .cluster import kmeans
-from .dist import progress
 from .metrics import confusion_matrix
+from .progress import progress
 
 
 @torch.no_grad()

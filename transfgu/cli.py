@@ -25,13 +25,13 @@ from PIL import Image
 from . import pretrain
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
 from .config import load_params
-from .dist import progress
 from .errors import InputFileNotFound, InputValueError
 from .matching import ClusterNames, read_cluster_classes, unmatched_clusters
 from .models.archs import ARCHS
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
+from .progress import progress
 from .segmenter import Segmenter
 from .stage import one_line_errors
 from .viz import colorize

@@ -33,12 +33,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.ops import roi_align
 
-from . import dist
 from .augment import color_jitter, gaussian_blur3, grayscale
 from .devices import to_device
 from .io import atomic_output
 from .models.vit import DinoViT
 from .optim import clip_each_, decay_groups
+from .progress import progress as show_progress
 
 
 # -- projection head --------------------------------------------------------------------------------
@@ -383,7 +383,7 @@ class DINOTrainer:
     def train_epoch(self, batches: Iterable[torch.Tensor], epoch: int, progress: bool = True) -> list[float]:
         """Train on the batches of one epoch (at most `steps_per_epoch`); returns the losses of its steps."""
         losses = []
-        bar = dist.progress(batches, total=self.steps_per_epoch, desc=f"dino epoch {epoch + 1}/{self.epochs}",
+        bar = show_progress(batches, total=self.steps_per_epoch, desc=f"dino epoch {epoch + 1}/{self.epochs}",
                             unit="step", disable=not progress, leave=False)
         for i, images in enumerate(bar):
             if i == self.steps_per_epoch:

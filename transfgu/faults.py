@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from functools import partial
 
 ENV = "TRANSFGU_FAULT"
 
@@ -46,3 +47,8 @@ def reached(stage: str, point, partial: bool = False) -> None:
     sys.stderr.write(f"{ENV}={spec}: SIGKILL {stage} (pid {os.getpid()})\n")
     sys.stderr.flush()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hook(stage: str):
+    """`reached` for one stage: the `on_point` a stage passes to transfgu.pieces.BatchPieces."""
+    return partial(reached, stage)

@@ -14,7 +14,7 @@ import torch
 
 from .errors import InputFileNotFound, InputValueError
 from .io import atomic_output, write_image_ids
-from .shards import merge_batches
+from .pieces import merge_batches
 
 
 def groups_of(things_only: bool) -> tuple:

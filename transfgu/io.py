@@ -151,7 +151,7 @@ def write_image_ids(h5: h5py.File, ids) -> None:
     h5.create_dataset("image_ids", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype(), track_times=False)
 
 
-# -- what a run depends on: the key of the work an interrupted stage resumes from (transfgu/shards.py) ------
+# -- what a run depends on: the key of the work an interrupted stage resumes from (transfgu/pieces.py) ------
 FULL_HASH_LIMIT = 256 * 2 ** 20
 
 

@@ -73,12 +73,13 @@ def unmatched_clusters(n_clusters: int) -> ClusterNames:
     return match_clusters(np.full(n_clusters, -1), [])
 
 
-def write_cluster_classes(path, clusters: ClusterNames, class_names, split: str = "val", decoder=None):
+def write_cluster_classes(path, clusters: ClusterNames, class_names, decoder=None):
     """Save the matching (atomically) as JSON: one entry per cluster (cluster, class_id, name, iou, color), the
-    class names, the split it was computed on and the decoder file with its SHA-256 (predict checks it)."""
+    class names, the split it was computed on (evaluate's: val) and the decoder file with its SHA-256 (predict
+    checks it)."""
     record = {
         "format": FORMAT,
-        "split": split,
+        "split": "val",
         "matched": clusters.matched,
         "decoder": None if decoder is None else str(decoder),
         "decoder_sha256": None if decoder is None else file_sha256(decoder),

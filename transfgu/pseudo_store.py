@@ -16,8 +16,8 @@ import torch
 
 from .errors import InputFileNotFound, InputValueError
 from .io import atomic_output, write_image_ids
+from .pieces import merge_batches
 from .pseudo import assemble_pseudo_masks
-from .shards import merge_batches
 
 PACKED = ("gradient",)  # compressed by the piece writer's threads while the device computes the next batches
 

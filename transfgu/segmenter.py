@@ -7,9 +7,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .dist import progress
 from .metrics import confusion_matrix, upsample_argmax
 from .precision import autocast
+from .progress import progress
 
 
 def encode(backbone, images_01: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
@@ -46,17 +46,13 @@ class Segmenter(nn.Module):
         return upsample_argmax(logits, images_01.shape[-2:])
 
     @torch.no_grad()
-    def confusion(self, loader, n_classes: int, device, desc: str = "eval", on_batch=None, with_labels: bool = True,
-                  precision: str = "fp32") -> np.ndarray:
-        """Cluster x class confusion matrix over a loader of {"image", "label"} batches (all zero when
-        with_labels is False); on_batch(batch, prediction) sees every batch. Puts the decoder in eval mode."""
+    def confusion(self, loader, n_classes: int, device, desc: str = "eval", precision: str = "fp32") -> np.ndarray:
+        """Cluster x class confusion matrix over a loader of {"image", "label"} batches. Puts the decoder in
+        eval mode."""
         self.decoder.eval()
         conf = np.zeros((self.n_outputs, n_classes), dtype=np.int64)
         for batch in progress(loader, desc=desc, leave=False):
             images = batch["image"].to(device).float() / 255
             pred = self.predict(images, precision)
-            if with_labels:
-                conf += confusion_matrix(pred, batch["label"].to(device), self.n_outputs, n_classes)
-            if on_batch is not None:
-                on_batch(batch, pred)
+            conf += confusion_matrix(pred, batch["label"].to(device), self.n_outputs, n_classes)
         return conf

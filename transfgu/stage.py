@@ -33,7 +33,7 @@ import torch
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import dist
+from . import dist, faults
 from .config import Params, load_params
 from .errors import BadInput, InputFileNotFound
 from .io import disk_error, fingerprint, is_disk_error, read_json
@@ -198,6 +198,13 @@ class Stage:
         key = fingerprint(config, [*inputs, self.params.backbone.checkpoint], self.spec.code) \
             if dist.is_main() else None
         return dist.broadcast_object(key)
+
+    def pieces(self, final: Path, dataset, batch_size: int, key: str, packed=()):
+        """The batches still to compute and the pieces their results go to (transfgu.pieces.BatchPieces), with
+        this stage's DataLoader workers and its fault points (transfgu.faults, for the resume tests)."""
+        from .pieces import BatchPieces
+        return BatchPieces(final, dataset, batch_size, self.workers(), key, self.name, packed=packed,
+                           on_point=faults.hook(self.name))
 
     @contextlib.contextmanager
     def timed(self, what: str | None = None):

@@ -12,15 +12,15 @@ import numpy as np
 import torch
 
 from . import dist, faults
-from .checkpoint import restart_from_checkpoint, restore_rng, save_on_master
-from .dist import progress
 from .augment import augment, draw_params
+from .checkpoint import restart_from_checkpoint, restore_rng, save_on_master
 from .data.dataset import images_on
 from .devices import to_device
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
 from .metrics import segmentation_scores
 from .optim import decay_groups
 from .precision import autocast
+from .progress import progress
 from .pseudo import maps_on
 from .segmenter import Segmenter, encode
 

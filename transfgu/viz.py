@@ -36,8 +36,7 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
 
 
 def comparison_picture(image: np.ndarray, prediction: np.ndarray, label: np.ndarray | None,
-                       class_names, colors: np.ndarray, min_height: int = 160,
-                       titles=PANEL_TITLES) -> Image.Image:
+                       class_names, colors: np.ndarray, min_height: int = 160) -> Image.Image:
     """One row image | prediction | ground truth (when `label` is given) under a band with the panel titles,
     above a legend of the entries present. `prediction` and `label` are ids into `class_names` / `colors` (the
     legend; negative or out-of-range ids are black). The legend flows over as many lines as it needs and
@@ -68,7 +67,7 @@ def comparison_picture(image: np.ndarray, prediction: np.ndarray, label: np.ndar
                        (255, 255, 255))
     canvas.paste(Image.fromarray(row), (0, top))
     draw = ImageDraw.Draw(canvas)
-    for i, title in enumerate(titles[:len(panels)]):
+    for i, title in enumerate(PANEL_TITLES[:len(panels)]):
         tw = _text_width(draw, title, font)
         draw.text((i * panel_w + max((panel_w - tw) // 2, 0), 2), title, fill=(0, 0, 0), font=font)
     y0 = top + row.shape[0] + margin // 2

@@ -6,5 +6,6 @@
 - index.py     the split index `prepare` writes (outputs/index.json)
 - images.py    decoding image and label files; collecting image files
 - dataset.py   SplitDataset, what the stages iterate over
+- loaders.py   DataLoaders over whole batches of a split (a rank's share of them)
 - synthetic.py the built-in synthetic scene generator
 """

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-# Image lists shipped with the project (data/lists/), selected by name with dataset.image_list.
-SHIPPED_LISTS = Path(__file__).resolve().parents[2] / "data" / "lists"
+# Image lists shipped in the package (transfgu/data/lists/, package data), selected by name with dataset.image_list.
+SHIPPED_LISTS = Path(__file__).resolve().parent / "lists"
 
 
 def image_list_of(dataset: DatasetConfig, split: str) -> Path | None:
@@ -94,7 +94,7 @@ def dataset_fingerprint(dataset: DatasetConfig, splits: dict) -> dict:
 def find_unreadable(root: Path, entries: list[dict], num_workers: int = 0) -> dict:
     """{relative image path: reason} for the images that cannot be decoded."""
     from concurrent.futures import ThreadPoolExecutor
-    from ..dist import progress
+    from ..progress import progress
     paths = [root / e["image"] for e in entries]
     with ThreadPoolExecutor(max(num_workers, 1)) as pool:
         results = list(progress(pool.map(unreadable, paths), total=len(paths), desc="checking images", leave=False))

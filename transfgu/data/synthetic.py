@@ -387,7 +387,7 @@ def write_synthetic_dataset(root: str | Path, n_train: int, n_val: int, size: in
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    from ..dist import progress
+    from ..progress import progress
     try:
         for stream, (split, count) in enumerate((("train", n_train), ("val", n_val))):
             img_dir, lab_dir = tmp / "images" / split, tmp / "labels" / split

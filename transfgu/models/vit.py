@@ -7,7 +7,10 @@ is all the pseudo-mask stage needs to differentiate (see `cls_from_attention`).
 """
 from __future__ import annotations
 
+import argparse
 import math
+import pickle
+import re
 from functools import partial
 from pathlib import Path
 
@@ -151,11 +154,25 @@ def load_dino_checkpoint(model: DinoViT, path: str | Path) -> None:
         raise InputFileNotFound(
             f"backbone checkpoint not found: {path}. Expected the official DINO weights ({name}), "
             f"published at {DINO_URL} (see README, 'Backbone weights'); nothing is downloaded at run time.")
+    load_strict(model.vit, _unwrap_state_dict(load_tensors(path)),
+                f"{path}: does not match backbone {model.arch}/{model.patch_size}")
+
+
+def load_tensors(path: Path):
+    """The contents of a checkpoint read with torch.load(weights_only=True): tensors, containers and plain
+    values, plus the argparse.Namespace of `args` that DINO's full training checkpoints
+    (dino_<arch><patch>_full_checkpoint.pth, `teacher` / `student` / `args` ...) hold. Any other pickled object
+    is an InputValueError: no code from the file runs."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # full training checkpoints also pickle their argparse namespace
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    load_strict(model.vit, _unwrap_state_dict(obj), f"{path}: does not match backbone {model.arch}/{model.patch_size}")
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if not found:
+            raise
+        raise InputValueError(f"{path}: holds pickled objects other than tensors ({found.group(1)}); if you trust "
+                              "the file, load it with torch.load(path, weights_only=False) and torch.save its "
+                              "state_dict (or its 'teacher' entry)") from None
 
 
 def build_backbone(arch: str, patch_size: int, checkpoint: str | Path | None, seed: int = 0) -> DinoViT:

@@ -16,7 +16,11 @@ removes the folder. A batch is computed the same way whatever process computes i
 same bytes whatever the number of processes, in one run or over several interrupted ones.
 
 Big per-image arrays can be compressed by threads while the device computes the next batches
-(`PieceWriter(packed=...)`), and are then copied chunk by chunk without a second compression pass."""
+(`PieceWriter(packed=...)`), and are then copied chunk by chunk without a second compression pass.
+
+`on_point` (BatchPieces, PieceWriter, write_piece) is called at the points where an interruption matters: a
+piece written to its temporary name, a piece in place, the artifact complete before the pieces are removed;
+the stages pass `transfgu.faults.hook`, through which the resume tests kill a process there."""
 from __future__ import annotations
 
 import logging
@@ -28,14 +32,15 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
-import torch
 
-from . import dist, faults
-from .dist import progress
+from . import dist
+from .data.loaders import batch_loader
 from .io import fsync_file
+from .progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +101,12 @@ def complete_batches(folder: Path) -> set[int]:
     return {int(m.group(1)) for p in folder.iterdir() if (m := PIECE.fullmatch(p.name))} if folder.is_dir() else set()
 
 
-def write_piece(path: Path, arrays: dict, packed: dict | None = None, fault: tuple | None = None,
-                durable: bool = True) -> None:
+def write_piece(path: Path, arrays: dict, packed: dict | None = None, durable: bool = True,
+                on_point: Callable | None = None) -> None:
     """Store one batch's results atomically: `arrays` (name -> array, first axis = rows) uncompressed, and
     `packed` (name -> (shape, dtype, one `shuffle_deflate`d chunk per row)) as row chunks, into a temporary
-    sibling that is fsynced (`durable`) and renamed to `path`. `fault` = (stage, n): fault points of
-    transfgu.faults (n-th piece of this process)."""
+    sibling that is fsynced (`durable`) and renamed to `path`. `on_point(partial=True)` is called once the
+    temporary file is written, `on_point(partial=False)` once the piece is in place."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as h5:
@@ -112,29 +117,28 @@ def write_piece(path: Path, arrays: dict, packed: dict | None = None, fault: tup
                                        **COMPRESSION)
                 for i, chunk in enumerate(chunks):
                     ds.id.write_direct_chunk((i,) + (0,) * (len(shape) - 1), chunk)
-        if fault:
-            faults.reached(*fault, partial=True)
+        if on_point:
+            on_point(partial=True)
         if durable:
             fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
-    if fault:
-        faults.reached(*fault)
+    if on_point:
+        on_point(partial=False)
 
 
 class PieceWriter:
     """One process's pieces, batch by batch, into `folder`, stored by a background thread (`write_piece`: HDF5
     file, fsync, rename) while the caller computes the next batches; at most `depth` batches wait. Arrays named
     in `packed` are stored one row per chunk, shuffled and deflated (COMPRESSION) by a pool of threads;
-    `merge_batches` then copies those chunks as they are. `name`: the stage, for the fault points
-    (transfgu.faults: the n-th piece stored by this process). An error of the writing thread is raised by the
-    next `write` or by `close`."""
+    `merge_batches` then copies those chunks as they are. `on_point(n, partial=...)`: `write_piece`'s points of
+    the n-th piece this writer stores. An error of the writing thread is raised by the next `write` or by `close`."""
 
     def __init__(self, folder: str | Path, packed=(), threads: int | None = None, depth: int = 2,
-                 name: str | None = None, durable: bool = True):
-        self.folder, self.name, self.durable = Path(folder), name, durable
+                 durable: bool = True, on_point: Callable | None = None):
+        self.folder, self.durable, self.on_point = Path(folder), durable, on_point
         self.packed, self.depth = set(packed), depth
         self.pool = ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) if self.packed else None
         self.io = ThreadPoolExecutor(1)  # one writer: pieces are stored in the order they come
@@ -156,8 +160,8 @@ class PieceWriter:
     def _store(self, batch: int, plain: dict, jobs: dict):  # in the writer thread
         packed = {name: (shape, dtype, [f.result() for f in futures]) for name, (shape, dtype, futures) in jobs.items()}
         self.written += 1
-        write_piece(self.folder / piece_name(batch), plain, packed, (self.name, self.written) if self.name else None,
-                    self.durable)
+        write_piece(self.folder / piece_name(batch), plain, packed, self.durable,
+                    partial(self.on_point, self.written) if self.on_point else None)
 
     def close(self):
         try:
@@ -237,32 +241,18 @@ def merge_batches(piece_paths, out: h5py.File, chunk_rows: dict, in_memory=(), c
     return {n: np.concatenate(v) if v else np.zeros((0,)) for n, v in memory.items()}
 
 
-# -- batches of a split -----------------------------------------------------------------------------------
-def batch_loader(dataset, batch_size: int, num_workers: int, batches) -> torch.utils.data.DataLoader:
-    """A DataLoader over the given batches of a split, in that order (batch b = items [b*B, (b+1)*B))."""
-    n = len(dataset)
-    sampler = [list(range(b * batch_size, min((b + 1) * batch_size, n))) for b in batches]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=num_workers > 0 and bool(sampler),
-                                       collate_fn=getattr(dataset, "collate", None))
-
-
-def my_loader(dataset, batch_size: int, num_workers: int):
-    """This rank's share of the batches of a split, in order, as (global batch ids, DataLoader)."""
-    mine = list(dist.my_batches(len(dataset), batch_size))
-    return mine, batch_loader(dataset, batch_size, num_workers, mine)
-
-
 class BatchPieces:
     """The batches of a split a stage still has to compute, dealt out to the ranks, and the pieces their
     results go to (see the module docstring).
 
     `final`: the artifact the pieces build (names the piece folder); `key`: the run's `transfgu.io.fingerprint`; `name`:
-    the stage (logs, fault points); `packed`: arrays the PieceWriter compresses by threads."""
+    the stage (logs); `packed`: arrays the PieceWriter compresses by threads; `on_point(point, partial=False)`:
+    called with (n, partial=True) once the n-th piece of this process is written to its temporary name, (n) once
+    it is in place, ("end") before `remove` removes the pieces."""
 
-    def __init__(self, final: Path, dataset, batch_size: int, num_workers: int, key: str, name: str, packed=()):
-        self.name, self.packed = name, packed
+    def __init__(self, final: Path, dataset, batch_size: int, num_workers: int, key: str, name: str, packed=(),
+                 on_point: Callable | None = None):
+        self.name, self.packed, self.on_point = name, packed, on_point
         self.dir = piece_dir(Path(final), key)
         self.n_batches = dist.n_batches(len(dataset), batch_size)
         done = dist.broadcast_object(sorted(complete_batches(self.dir)) if dist.is_main() else None)
@@ -278,7 +268,7 @@ class BatchPieces:
     def batches(self, desc: str):
         """Yield (batch, save): save(arrays) stores that batch's results as its piece. Ends when every rank
         is done."""
-        with PieceWriter(self.dir, self.packed, name=self.name) as writer:
+        with PieceWriter(self.dir, self.packed, on_point=self.on_point) as writer:
             for b, batch in zip(self.ids, progress(self.loader, desc=desc)):
                 yield batch, partial(writer.write, b)
         dist.barrier()
@@ -291,6 +281,7 @@ class BatchPieces:
         return [self.dir / piece_name(b) for b in range(self.n_batches)]
 
     def remove(self):
-        """Once the artifact is complete: the pieces are removed (fault point `<name>:end` before)."""
-        faults.reached(self.name, "end")
+        """Once the artifact is complete: the pieces are removed (`on_point("end")` before)."""
+        if self.on_point:
+            self.on_point("end")
         shutil.rmtree(self.dir)
