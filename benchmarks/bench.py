@@ -8,7 +8,8 @@ measured in the same run on random weights and synthetic in-memory batches.
 Prints one JSON line per stage: stage, img_per_s, baseline_img_per_s, speedup, peak_mem_mb, device,
 precision. The baselines are what the original code does, in float32: per-window crops resized one by
 one, one backward pass per concept through the full attention matrix, the frozen encoder run separately
-for student and teacher, explicit (unfused) attention, scikit-learn k-means. The new paths run at the
+for student and teacher, explicit (unfused) attention, scikit-learn k-means (the crop and pseudo baselines:
+benchmarks/reference.py, the slow references the tests check the fast paths against). The new paths run at the
 pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp32, and bf16 as the
 `*_bf16` stages). extract_cut times the crop cut alone (every window of a batch, the published slice resized
 to R): one gather and one F.interpolate per window size against a slice + F.interpolate per window. The
@@ -53,6 +54,8 @@ from transfgu.pseudo_store import PseudoMaskReader, read_pseudo_masks  # noqa: E
 from transfgu.metrics import confusion_matrix  # noqa: E402
 from transfgu.segmenter import Segmenter  # noqa: E402
 from transfgu.train import TrainConfig, decoder_step, features_and_teacher, train_step  # noqa: E402
+
+from reference import reference_concept_gradients, reference_crop_features, reference_cut_crops  # noqa: E402
 
 SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
     "full": dict(full=True, arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
@@ -180,50 +183,6 @@ def fused(backbone):
     return backbone
 
 
-# -- straightforward paths ----------------------------------------------------------------------------
-def extract_baseline(backbone, images, windows, R):
-    """Per image: attention map, then each selected window cut (the published slice, one pixel short of the
-    window on the bottom and right) and resized on its own, crops forwarded."""
-    p = backbone.patch_size
-    feats = []
-    for img in images:
-        grid = img.shape[-1] // p
-        thing, stuff = select_crops(backbone.cls_attention(img[None]).view(1, grid, grid), windows)
-        crops = [F.interpolate(img[None, :, y0 * p:y1 * p - 1, x0 * p:x1 * p - 1], size=(R, R), mode="bilinear",
-                               align_corners=False)
-                 for keep in (thing[0], stuff[0]) for (y0, x0, y1, x1) in windows[keep].tolist()]
-        if crops:
-            feats.append(backbone(torch.cat(crops))[:, 0])
-    return feats
-
-
-def cut_baseline(images, image_index, boxes, R):
-    """Each crop sliced from its image and resized on its own."""
-    return torch.cat([F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=(R, R), mode="bilinear", align_corners=False)
-                      for i, (y0, x0, y1, x1) in zip(image_index.tolist(), boxes.tolist())])
-
-
-def pseudo_baseline(backbone, images, centroids):
-    """One backward per concept through the full last-block attention matrix (the original loop)."""
-    vit = backbone.vit
-    t = backbone.tokens(images)
-    for blk in vit.blocks[:-1]:
-        t = blk(t)
-    blk = vit.blocks[-1]
-    B, N, D = t.shape
-    heads = backbone.num_heads
-    q, k, v = blk.attn.qkv(blk.norm1(t)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    A = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).detach().requires_grad_(True)
-    t = t + blk.attn.proj((A @ v).transpose(1, 2).reshape(B, N, D))
-    z = vit.norm(t + blk.mlp(blk.norm2(t)))[:, 0]
-    grads = []
-    for c in centroids:
-        A.grad = None
-        (1 - F.cosine_similarity(z, c[None], dim=1)).mean().backward(retain_graph=True)
-        grads.append(A.grad[:, :, 0, 1:].mean(1))
-    return torch.stack(grads, 1)
-
-
 # -- stages -------------------------------------------------------------------------------------------
 def bench_extract(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
@@ -236,8 +195,8 @@ def bench_extract(s, device, repeats):
         agree = tf32_window_agreement(backbone, images, windows.to(device))
         new = timeit(run, device, repeats)
         unfused(backbone)
-        old = baseline(lambda: timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device,
-                                      repeats))
+        old = baseline(lambda: timeit(lambda: reference_crop_features(backbone, images, windows.to(device), s["R"]),
+                                      device, repeats))
     fused(backbone)
     # crop_features forwards the selected crops of all B images together, crop_batch at a time
     return B / new, per_s(B, old), {"crops_per_image": n_crops / B, "crops_per_s": n_crops / new, "batch": B,
@@ -247,7 +206,7 @@ def bench_extract(s, device, repeats):
 
 def bench_extract_cut(s, device, repeats):
     """The cut alone, on every window of every image of a batch, crop_batch crops at a time (the extract stage
-    cuts the selected ones): cut_crops against cut_baseline, on the same boxes; the largest difference too."""
+    cuts the selected ones): cut_crops against reference_cut_crops, on the same boxes; the largest difference too."""
     images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
     windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
     boxes = window_pixel_boxes(windows, 8).repeat(s["batch"], 1).to(device)
@@ -257,9 +216,11 @@ def bench_extract_cut(s, device, repeats):
     def run(cut):
         return [cut(images, image_index[c], boxes[c], s["R"]) for c in chunks]
 
-    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline))) if BASELINES else None
+    diff = None
+    if BASELINES:
+        diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(reference_cut_crops)))
     new = timeit(lambda: run(cut_crops), device, repeats)
-    old = baseline(lambda: timeit(lambda: run(cut_baseline), device, repeats))
+    old = baseline(lambda: timeit(lambda: run(reference_cut_crops), device, repeats))
     return s["batch"] / new, per_s(s["batch"], old), {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
                                                 "crop_px": s["R"], "max_abs_diff": diff}
 
@@ -287,7 +248,7 @@ def bench_pseudo(K, precision="fp32"):
         mb = stored_mb_per_image(*pseudo_mask_parts(backbone, images, centroids, 1 / 8, precision=precision))
         agree = tf32_label_agreement(backbone, images, centroids) if precision == "fp32" else None
         unfused(backbone)
-        old = baseline(lambda: timeit(lambda: pseudo_baseline(backbone, images, centroids), device,
+        old = baseline(lambda: timeit(lambda: reference_concept_gradients(backbone, images, centroids), device,
                                       max(repeats // 2, 1)))
         fused(backbone)
         return s["batch"] / new, per_s(s["batch"], old), {"concepts": K, "precision": precision, "batch": s["batch"],
