@@ -8,7 +8,8 @@ measured in the same run on random weights and synthetic in-memory batches.
 Prints one JSON line per stage: stage, img_per_s, baseline_img_per_s, speedup, peak_mem_mb, device,
 precision. The baselines are what the original code does, in float32: per-window crops resized one by
 one, one backward pass per concept through the full attention matrix, the frozen encoder run separately
-for student and teacher, explicit (unfused) attention, scikit-learn k-means. The new paths run at the
+for student and teacher, explicit (unfused) attention, scikit-learn k-means (the crop and pseudo baselines:
+benchmarks/reference.py, the slow references the tests check the fast paths against). The new paths run at the
 pipeline's default precision (`auto`: bf16 on a GPU, fp32 on the CPU; pseudo: fp32, and bf16 as the
 `*_bf16` stages). extract_cut times the crop cut alone (every window of a batch, the published slice resized
 to R): one gather and one F.interpolate per window size against a slice + F.interpolate per window. The
@@ -36,7 +37,6 @@ import h5py
 import numpy as np
 from PIL import Image
 import torch
-import torch.nn.functional as F
 
 from transfgu.augment import augment, draw_params  # noqa: E402
 from transfgu.crops import (THING_STUFF_WINDOW_SIZES, crop_features, crop_windows, cut_crops,  # noqa: E402
@@ -45,14 +45,15 @@ from transfgu.data.dataset import SplitDataset, images_on  # noqa: E402
 from transfgu.data.synthetic import generate_scene  # noqa: E402
 from transfgu.models.decoder import build_decoder  # noqa: E402
 from transfgu.models.vit import build_backbone  # noqa: E402
-from transfgu.pieces import (COMPRESSION, PieceWriter, merge_batches, piece_name, shuffle_deflate,  # noqa: E402
-                             write_piece)
+from transfgu.pieces import PieceWriter, merge_batches, piece_name  # noqa: E402
 from transfgu.precision import resolve_precision  # noqa: E402
 from transfgu.pseudo import maps_on, pseudo_mask_parts, pseudo_masks  # noqa: E402
-from transfgu.pseudo_store import PseudoMaskReader, read_pseudo_masks  # noqa: E402
+from transfgu.pseudo_store import PseudoMaskReader  # noqa: E402
 from transfgu.metrics import confusion_matrix  # noqa: E402
 from transfgu.segmenter import Segmenter  # noqa: E402
 from transfgu.train import TrainConfig, decoder_step, features_and_teacher, train_step  # noqa: E402
+
+from reference import reference_concept_gradients, reference_crop_features, reference_cut_crops  # noqa: E402
 
 SIZES = {  # arch, R, image batch, crop batch, cluster (n, d, k, iterations)
     "full": dict(full=True, arch="vit_small", R=320, batch=8, crop_batch=512, train_batch=256, cluster=(5_000_000, 384, 171, 100),
@@ -180,50 +181,6 @@ def fused(backbone):
     return backbone
 
 
-# -- straightforward paths ----------------------------------------------------------------------------
-def extract_baseline(backbone, images, windows, R):
-    """Per image: attention map, then each selected window cut (the published slice, one pixel short of the
-    window on the bottom and right) and resized on its own, crops forwarded."""
-    p = backbone.patch_size
-    feats = []
-    for img in images:
-        grid = img.shape[-1] // p
-        thing, stuff = select_crops(backbone.cls_attention(img[None]).view(1, grid, grid), windows)
-        crops = [F.interpolate(img[None, :, y0 * p:y1 * p - 1, x0 * p:x1 * p - 1], size=(R, R), mode="bilinear",
-                               align_corners=False)
-                 for keep in (thing[0], stuff[0]) for (y0, x0, y1, x1) in windows[keep].tolist()]
-        if crops:
-            feats.append(backbone(torch.cat(crops))[:, 0])
-    return feats
-
-
-def cut_baseline(images, image_index, boxes, R):
-    """Each crop sliced from its image and resized on its own."""
-    return torch.cat([F.interpolate(images[i:i + 1, :, y0:y1, x0:x1], size=(R, R), mode="bilinear", align_corners=False)
-                      for i, (y0, x0, y1, x1) in zip(image_index.tolist(), boxes.tolist())])
-
-
-def pseudo_baseline(backbone, images, centroids):
-    """One backward per concept through the full last-block attention matrix (the original loop)."""
-    vit = backbone.vit
-    t = backbone.tokens(images)
-    for blk in vit.blocks[:-1]:
-        t = blk(t)
-    blk = vit.blocks[-1]
-    B, N, D = t.shape
-    heads = backbone.num_heads
-    q, k, v = blk.attn.qkv(blk.norm1(t)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    A = ((q * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1).detach().requires_grad_(True)
-    t = t + blk.attn.proj((A @ v).transpose(1, 2).reshape(B, N, D))
-    z = vit.norm(t + blk.mlp(blk.norm2(t)))[:, 0]
-    grads = []
-    for c in centroids:
-        A.grad = None
-        (1 - F.cosine_similarity(z, c[None], dim=1)).mean().backward(retain_graph=True)
-        grads.append(A.grad[:, :, 0, 1:].mean(1))
-    return torch.stack(grads, 1)
-
-
 # -- stages -------------------------------------------------------------------------------------------
 def bench_extract(s, device, repeats):
     backbone = build_backbone(s["arch"], 8, None).to(device)
@@ -236,8 +193,8 @@ def bench_extract(s, device, repeats):
         agree = tf32_window_agreement(backbone, images, windows.to(device))
         new = timeit(run, device, repeats)
         unfused(backbone)
-        old = baseline(lambda: timeit(lambda: extract_baseline(backbone, images, windows.to(device), s["R"]), device,
-                                      repeats))
+        old = baseline(lambda: timeit(lambda: reference_crop_features(backbone, images, windows.to(device), s["R"]),
+                                      device, repeats))
     fused(backbone)
     # crop_features forwards the selected crops of all B images together, crop_batch at a time
     return B / new, per_s(B, old), {"crops_per_image": n_crops / B, "crops_per_s": n_crops / new, "batch": B,
@@ -247,7 +204,7 @@ def bench_extract(s, device, repeats):
 
 def bench_extract_cut(s, device, repeats):
     """The cut alone, on every window of every image of a batch, crop_batch crops at a time (the extract stage
-    cuts the selected ones): cut_crops against cut_baseline, on the same boxes; the largest difference too."""
+    cuts the selected ones): cut_crops against reference_cut_crops, on the same boxes; the largest difference too."""
     images = torch.randn(s["batch"], 3, 2 * s["R"], 2 * s["R"], device=device)
     windows = crop_windows(2 * s["R"] // 8, THING_STUFF_WINDOW_SIZES)
     boxes = window_pixel_boxes(windows, 8).repeat(s["batch"], 1).to(device)
@@ -257,21 +214,30 @@ def bench_extract_cut(s, device, repeats):
     def run(cut):
         return [cut(images, image_index[c], boxes[c], s["R"]) for c in chunks]
 
-    diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(cut_baseline))) if BASELINES else None
+    diff = None
+    if BASELINES:
+        diff = max((a - b).abs().max().item() for a, b in zip(run(cut_crops), run(reference_cut_crops)))
     new = timeit(lambda: run(cut_crops), device, repeats)
-    old = baseline(lambda: timeit(lambda: run(cut_baseline), device, repeats))
+    old = baseline(lambda: timeit(lambda: run(reference_cut_crops), device, repeats))
     return s["batch"] / new, per_s(s["batch"], old), {"crops_per_image": len(windows), "crops_per_s": len(boxes) / new,
                                                 "crop_px": s["R"], "max_abs_diff": diff}
+
+
+def write_mask_file(path: Path, parts: dict) -> None:
+    """Pseudo-mask parts (attention float32, gradient float16) stored the pseudo stage's way: a piece whose
+    gradient rows the PieceWriter packs, merged into the file at `path`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with PieceWriter(tmp, packed=["gradient"]) as w:
+            w.write(0, parts)
+        with h5py.File(path, "w") as h5:
+            merge_batches([Path(tmp) / piece_name(0)], h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
 
 
 def stored_mb_per_image(a, q) -> float:
     """Size on disk of pseudo-mask parts written the way the pseudo stage writes them, per image."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "masks.h5"
-        with PieceWriter(tmp, packed=["gradient"]) as w:
-            w.write(0, {"attention": a.float().cpu().numpy(), "gradient": q.half().cpu().numpy()})
-        with h5py.File(out, "w") as h5:
-            merge_batches([Path(tmp) / piece_name(0)], h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+        write_mask_file(out, {"attention": a.float().cpu().numpy(), "gradient": q.half().cpu().numpy()})
         return out.stat().st_size / 2 ** 20 / len(a)
 
 
@@ -287,7 +253,7 @@ def bench_pseudo(K, precision="fp32"):
         mb = stored_mb_per_image(*pseudo_mask_parts(backbone, images, centroids, 1 / 8, precision=precision))
         agree = tf32_label_agreement(backbone, images, centroids) if precision == "fp32" else None
         unfused(backbone)
-        old = baseline(lambda: timeit(lambda: pseudo_baseline(backbone, images, centroids), device,
+        old = baseline(lambda: timeit(lambda: reference_concept_gradients(backbone, images, centroids), device,
                                       max(repeats // 2, 1)))
         fused(backbone)
         return s["batch"] / new, per_s(s["batch"], old), {"concepts": K, "precision": precision, "batch": s["batch"],
@@ -360,104 +326,21 @@ def fake_pseudo_parts(n: int, K: int, h: int, seed: int = 0) -> dict:
             "gradient": np.where(g < 0.5, -1.0, np.where(g < 0.7, 0.0, g * 1e-3)).astype(np.float16)}
 
 
-def bench_pseudo_write(s, device, repeats):
-    """Writing 171-concept pseudo masks (40 x 40 at R = 320) batch by batch and assembling the final file:
-    rows packed by a thread pool as they come and copied chunk by chunk (PieceWriter), against raw pieces
-    compressed by one thread at the merge. Host work only; sparsity like the stage's (half -1, a fifth 0)."""
-    K, h = (171, s["R"] // 8) if s["full"] else (16, 4)
-    n_batches, B = 8, 32
-    batch = fake_pseudo_parts(B, K, h)
-
-    def run(packed):
-        with tempfile.TemporaryDirectory() as tmp:
-            pieces, out = Path(tmp) / "pieces", Path(tmp) / "out.h5"
-            pieces.mkdir()
-            if packed:
-                with PieceWriter(pieces, packed=["gradient"]) as w:
-                    for b in range(n_batches):
-                        w.write(b, batch)
-            else:
-                for b in range(n_batches):
-                    write_piece(pieces / piece_name(b), batch)
-            with h5py.File(out, "w") as h5:
-                merge_batches([pieces / piece_name(b) for b in range(n_batches)], h5, {"attention": 1, "gradient": 1},
-                              compressed=["gradient"])
-            return out.stat().st_size
-
-    size = run(True)
-    n = n_batches * B
-    new = timeit(lambda: run(True), torch.device("cpu"), max(repeats // 2, 1))
-    old = timeit(lambda: run(False), torch.device("cpu"), max(repeats // 2, 1))
-    return n / new, n / old, {"concepts": K, "maps": f"{h}x{h}", "stored_mb_per_image": round(size / 2 ** 20 / n, 4),
-                              "threads": min(8, os.cpu_count() or 1)}
-
-
-def _shard_write(folder: Path, batches, packed, compute_s: float) -> float:
-    """The previous path (before resumable pieces): one shard file per process, one HDF5 group per batch, packed
-    rows compressed by threads and written two batches later, no fsync; `compute_s` of sleep per batch stands
-    for the device's work. Returns the seconds the caller spent storing (sleep excluded)."""
-    from concurrent.futures import ThreadPoolExecutor
-    busy = 0.0
-    with h5py.File(folder / "rank0.h5", "w") as h5, ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
-        pending = []
-        for b, arrays in enumerate(batches):
-            time.sleep(compute_s)
-            t0 = time.perf_counter()
-            group = h5.create_group(f"batch{b}")
-            jobs = {}
-            for name, a in arrays.items():
-                if name in packed:
-                    jobs[name] = (a.shape, a.dtype, [pool.submit(shuffle_deflate, row) for row in a])
-                else:
-                    group.create_dataset(name, data=a)
-            pending.append((group, jobs))
-            while len(pending) > 2 or (pending and b == len(batches) - 1):
-                group, jobs = pending.pop(0)
-                for name, (shape, dtype, futures) in jobs.items():
-                    ds = group.create_dataset(name, shape=shape, dtype=dtype, chunks=(1, *shape[1:]), **COMPRESSION)
-                    for i, f in enumerate(futures):
-                        ds.id.write_direct_chunk((i,) + (0,) * (len(shape) - 1), f.result())
-            busy += time.perf_counter() - t0
-    return busy
-
-
-def _shard_merge(folder: Path, batches, packed) -> None:
-    """The previous merge: every batch's group read from the one shard file, packed chunks copied."""
-    with h5py.File(folder / "rank0.h5", "r") as src, h5py.File(folder / "out.h5", "w") as out:
-        names = list(batches[0])
-        rows = {n: sum(len(a[n]) for a in batches) for n in names}
-        ds = {n: out.create_dataset(n, shape=(rows[n], *batches[0][n].shape[1:]), dtype=batches[0][n].dtype,
-                                    chunks=(1, *batches[0][n].shape[1:]), track_times=False,
-                                    **(COMPRESSION if n in packed else {})) for n in names}
-        pos = dict.fromkeys(names, 0)
-        for b in range(len(batches)):
-            for n in names:
-                g = src[f"batch{b}/{n}"]
-                if n in packed:
-                    for i in range(len(g)):
-                        mask, chunk = g.id.read_direct_chunk((i,) + (0,) * (g.ndim - 1))
-                        ds[n].id.write_direct_chunk((pos[n] + i,) + (0,) * (g.ndim - 1), chunk, mask)
-                else:
-                    ds[n][pos[n]:pos[n] + len(g)] = g[...]
-                pos[n] += len(g)
-
-
 def bench_pieces(s, device, repeats):
     """The cost of resumability: each batch stored as its own durable piece (PieceWriter: a file per batch,
-    written by a background thread under a temporary name, fsynced, renamed) and merged from the pieces, against
-    the previous path (one shard file per process, a group per batch, no fsync, merged from that file).
-    Pseudo-stage batches of 32 images (171 concepts, 40 x 40 maps; quick: 16 concepts, 4 x 4), host work only.
+    written by a background thread under a temporary name, fsynced, renamed), the pieces then merged into the
+    final file. Pseudo-stage batches of 32 images (171 concepts, 40 x 40 maps; quick: 16 concepts, 4 x 4), host
+    work only.
 
-    - `ms_per_batch` / `baseline_ms_per_batch`: writing and merging, back to back (all the host work);
-      `no_fsync_ms_per_batch`: the pieces without fsync (what the fsync costs on this disk);
-    - `stage_ms_per_batch` / `baseline_stage_ms_per_batch`: the time the stage's loop spends storing a batch
-      when `compute_ms` of device work (a sleep) separates the batches (the background writer overlaps it);
-    - `disk_kb_per_batch` / `baseline_disk_kb_per_batch`: bytes kept while the stage runs (pieces vs shard)."""
+    - `ms_per_batch`: writing and merging, back to back (all the host work); `no_fsync_ms_per_batch`: the same
+      without fsync (what the fsync costs on this disk);
+    - `stage_ms_per_batch`: the time the stage's loop spends storing a batch when `compute_ms` of device work
+      (a sleep) separates the batches (the background writer overlaps it);
+    - `disk_kb_per_batch`: bytes kept in pieces while the stage runs."""
     K, h = (171, s["R"] // 8) if s["full"] else (16, 4)
     n_batches, B = (16, 32) if s["full"] else (32, 32)
     compute_s = 0.16 if s["full"] else 0.02  # pseudo171, batch 32 at ~200 img/s (H100)
     batches = [fake_pseudo_parts(B, K, h, seed=b) for b in range(n_batches)]
-    paths = lambda folder: [folder / piece_name(b) for b in range(n_batches)]  # noqa: E731
 
     def pieces(durable=True, compute=0.0, merge=True):
         with tempfile.TemporaryDirectory() as tmp:
@@ -474,33 +357,21 @@ def bench_pieces(s, device, repeats):
             size = sum(p.stat().st_size for p in folder.iterdir())
             if merge:
                 with h5py.File(Path(tmp) / "out.h5", "w") as h5:
-                    merge_batches(paths(folder), h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+                    merge_batches([folder / piece_name(b) for b in range(n_batches)], h5,
+                                  {"attention": 1, "gradient": 1}, compressed=["gradient"])
             return size, busy
 
-    def shard(compute=0.0, merge=True):
-        with tempfile.TemporaryDirectory() as tmp:
-            busy = _shard_write(Path(tmp), batches, {"gradient"}, compute)
-            size = (Path(tmp) / "rank0.h5").stat().st_size
-            if merge:
-                _shard_merge(Path(tmp), batches, {"gradient"})
-            return size, busy
-
-    size_new, size_old = pieces()[0], shard()[0]
+    size = pieces()[0]
     cpu = torch.device("cpu")
     reps = max(repeats // 2, 1)
-    new, old, no_fsync = (timeit(fn, cpu, reps) for fn in (pieces, shard, lambda: pieces(False)))
-    stage_new = np.median([pieces(compute=compute_s, merge=False)[1] for _ in range(reps)])
-    stage_old = np.median([shard(compute=compute_s, merge=False)[1] for _ in range(reps)])
+    new, no_fsync = (timeit(fn, cpu, reps) for fn in (pieces, lambda: pieces(False)))
+    stage = np.median([pieces(compute=compute_s, merge=False)[1] for _ in range(reps)])
     n = n_batches * B
     ms = lambda t: round(1000 * t / n_batches, 3)  # noqa: E731
-    return n / new, n / old, {
+    return n / new, None, {
         "concepts": K, "maps": f"{h}x{h}", "batches": n_batches, "batch": B, "compute_ms": 1000 * compute_s,
-        "ms_per_batch": ms(new), "baseline_ms_per_batch": ms(old), "overhead_ms_per_batch": ms(new - old),
-        "no_fsync_ms_per_batch": ms(no_fsync), "stage_ms_per_batch": ms(stage_new),
-        "baseline_stage_ms_per_batch": ms(stage_old),
-        "disk_kb_per_batch": round(size_new / 1024 / n_batches, 2),
-        "baseline_disk_kb_per_batch": round(size_old / 1024 / n_batches, 2),
-        "disk_ratio": round(size_new / size_old, 4)}
+        "ms_per_batch": ms(new), "no_fsync_ms_per_batch": ms(no_fsync), "stage_ms_per_batch": ms(stage),
+        "disk_kb_per_batch": round(size / 1024 / n_batches, 2)}
 
 
 # -- data loading -------------------------------------------------------------------------------------
@@ -533,13 +404,6 @@ def loader_throughput(dataset, batch: int, workers: int, device, passes: int = 2
     return passes * len(dataset) / (time.perf_counter() - t0)
 
 
-class AssembledMaskReader(PseudoMaskReader):
-    """The loader's previous path: each worker assembles the float32 maps (K, h, w) and ships them (twice the
-    bytes of the stored parts, plus the float conversion and the assembly on the host)."""
-
-    read = staticmethod(read_pseudo_masks)
-
-
 def bench_load(kind, decode: str = "host"):
     """extract: images at 2R; pseudo: images at R; train: images at R + their 171 pseudo maps from HDF5.
     decode="device": the stages' `decode: device` (workers read the files, the batch is decoded on the device)."""
@@ -552,19 +416,13 @@ def bench_load(kind, decode: str = "host"):
             if kind == "train":
                 maps = tmp / "pseudo_masks.h5"
                 K, h = (171 if s["full"] else 16), s["R"] // 8
-                write_piece(tmp / piece_name(0), fake_pseudo_parts(len(index["splits"]["train"]), K, h))
-                with h5py.File(maps, "w") as h5:
-                    merge_batches([tmp / piece_name(0)], h5, {"attention": 1, "gradient": 1}, compressed=["gradient"])
+                write_mask_file(maps, fake_pseudo_parts(len(index["splits"]["train"]), K, h))
             data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None, decode=decode)
             batch = s["batch"] * (4 if kind != "extract" else 1)
             new = loader_throughput(data, batch, s["workers"], device)
             old = loader_throughput(data, batch, 0, device, passes=1) if BASELINES else None
-            extra = {}
-            if kind == "train" and decode == "host":  # the same workers shipping assembled float32 maps (the path before the parts)
-                data.maps = AssembledMaskReader(maps)
-                extra["assembled_in_workers_img_per_s"] = round(loader_throughput(data, batch, s["workers"], device), 2)
         return new, old, {"size": size, "workers": s["workers"], "batch": batch, "decode": decode,
-                          "cpus": os.cpu_count(), "unit": "images/s delivered to the device", **extra}
+                          "cpus": os.cpu_count(), "unit": "images/s delivered to the device"}
     return run
 
 
@@ -647,7 +505,7 @@ def bench_cluster(s, device, repeats, niter=None, backend="auto", vectors=None):
 STAGES = {"extract": bench_extract, "extract_cut": bench_extract_cut, "pseudo27": bench_pseudo(27),
           "pseudo171": bench_pseudo(171),
           "pseudo27_bf16": bench_pseudo(27, "bf16"), "pseudo171_bf16": bench_pseudo(171, "bf16"),
-          "pseudo_write": bench_pseudo_write, "pieces": bench_pieces, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
+          "pieces": bench_pieces, "train": bench_train, "evaluate": bench_evaluate, "cluster": bench_cluster,
           "load_extract": bench_load("extract"), "load_pseudo": bench_load("pseudo"), "load_train": bench_load("train"),
           "load_train_device": bench_load("train", "device"), "load_extract_device": bench_load("extract", "device"),
           "load_device_decode": bench_load_device_decode}

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU speed table in one go: every line of the target table through benchmarks/bench.py, the main lines
 # with the straightforward baseline of the same maths measured in the same process (the table's baseline
-# column), option and variant lines with --no-baseline; the full-dataset projection last. Installs nothing;
-# writes only OUTDIR (and temporary files under /tmp).
+# column), option and variant lines with --no-baseline; the full-dataset projection last. Installs nothing
+# (but GPU_SH_WHEELS, in a temporary folder); writes only OUTDIR (and temporary files under TMPDIR).
 #
 #   bash benchmarks/gpu.sh OUTDIR            # full sizes on the GPU (ViT-S/8, R = 320; under 6 min on an H100)
 #   bash benchmarks/gpu.sh OUTDIR --quick    # tiny sizes on the CPU (dry run of the same script)
@@ -10,18 +10,18 @@
 # OUTDIR/bench.jsonl: one JSON line per stage (bench.py's fields); OUTDIR/log: stderr and the per-stage
 # times; OUTDIR/table.txt: the target table and the projection. A stage that errors fails the script with its
 # name (after the table of the lines measured so far), and so does a rate that is not a finite positive
-# number. Cheap and most important lines run first. GPU_SH_BUDGET (seconds; default 330, none with --quick)
-# caps the whole loop: a line that would start or run past it is skipped, not failed, and the table names the
-# lines skipped, so that an outer `timeout` never has to kill the script before it writes its table.
-# GPU_SH_WHEELS=DIR installs DIR's wheels (pip --no-index --no-deps) into a temporary folder on PYTHONPATH for
-# this run: the k-means baseline is faiss-cpu, and on a machine without faiss its line says so and the column
-# stays empty unless the faiss-cpu wheel is carried this way.
-# The faiss-cpu wheel (18 MB) to carry: pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#   --platform manylinux_2_28_x86_64 -d DIR faiss-cpu
-# On a remote GPU runner whose results must land in $OUT (an empty folder that comes back), from the repository
-# root: timeout 420 bash benchmarks/gpu.sh $OUT
-# GPU_SH_ONLY="name ..." runs only the named lines (tests). PYTHON overrides python3. GPU_SH_COMMIT names the
-# commit in the log (a copied checkout's HEAD can be older than its files).
+# number. Cheap and most important lines run first. A line skipped by the budget is named in the table, not
+# failed, so that an outer `timeout` never has to kill the script before it writes its table.
+#
+# Environment (all optional):
+#   GPU_SH_BUDGET=SECONDS  cap on the whole loop (default 330, none with --quick): later lines are skipped
+#   GPU_SH_WHEELS=DIR      DIR's wheels on PYTHONPATH for this run only (faiss-cpu: the k-means line's baseline)
+#   GPU_SH_ONLY="name ..." run only the named lines (tests)
+#   GPU_SH_COMMIT=REV      the commit named in the log (a copied checkout's HEAD can be older than its files)
+#   PYTHON=EXE             the interpreter (default python3)
+#   TMPDIR=DIR             where the per-line files and the wheels' folder go (default /tmp)
+#   (the faiss-cpu wheel to carry: pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#    --platform manylinux_2_28_x86_64 -d DIR faiss-cpu)
 set -euo pipefail
 
 if [[ $# -lt 1 || $1 == -* ]]; then

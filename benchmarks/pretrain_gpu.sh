@@ -5,7 +5,7 @@
 #
 # Run from anywhere (it finds the repository from its own path); needs python3 (or $PYTHON) with torch, timm,
 # h5py, pyyaml, pillow, scipy, scikit-learn; no dvc, dvclive, faiss, network or install. On one H100 or H200:
-# about 6.5 minutes, estimated (give it 450 s, so that gpu.sh fits in the same 15-minute window); --quick: tiny sizes, 2-3 minutes on a 2-core CPU.
+# about 6.5 minutes, estimated; --quick: tiny sizes, 2-3 minutes on a 2-core CPU.
 # Run one recipe at a time: two pretraining processes on one GPU each ran at under a third of the speed of one
 # alone (H200, docs/experiments.md).
 #   1. generates the pretraining scenes with the synthetic generator under seeds 101.. (the pipeline's own set
@@ -23,16 +23,17 @@
 #   5. copies into OUTDIR: the checkpoint and the teacher file, the loss curve and pretraining summary, each
 #      granularity's metrics.json, pseudo_metrics.json, per_class_iou.csv and train_log.csv, the params files,
 #      summary.json (one JSON line, also printed last) and pretrain_gpu.log (everything printed).
-# Environment: PYTHON (default python3), PRETRAIN_LAYOUT (the generator's layout of the pretraining images:
-# scenes, as the pipeline's sets, or objects, one large central thing per image), PRETRAIN_SECONDS, PRETRAIN_BATCH (default 1024) and PRETRAIN_LR (default
-# 0.0005 x batch / 256), PRETRAIN_EXTRA (more `transfgu pretrain` options,
-# e.g. "--compile"), WORK (scratch folder; default a new temporary one, removed at the end unless KEEP_WORK=1),
-# PIPELINE=0 (stop after step 3: pretrain only, e.g. several recipes side by side on one GPU, the pipeline then run
-# on another machine with the teacher file).
-# On a remote GPU runner whose results must land in $OUT and come back as a few files (the full checkpoint stays
-# behind):
-#   timeout 450 bash benchmarks/pretrain_gpu.sh /tmp/p; cp /tmp/p/*_teacher.pth /tmp/p/summary.json "$OUT"/
-#   tar czf "$OUT/pretrain.tgz" --exclude=dino_vit_mini8_synthetic.pth -C /tmp/p .
+#
+# Environment (all optional):
+#   PYTHON=EXE              the interpreter (default python3)
+#   PRETRAIN_LAYOUT=scenes  the pretraining images: scenes (as the pipeline's sets) or objects (one large thing each)
+#   PRETRAIN_SECONDS=S      pretraining time the run is sized to (default 200; --quick: 20)
+#   PRETRAIN_BATCH=N        pretraining batch (default 1024; not with --quick)
+#   PRETRAIN_LR=LR          pretraining learning rate (default 0.0005 x batch / 256; not with --quick)
+#   PRETRAIN_EXTRA="..."    more `transfgu pretrain` options, e.g. "--compile"
+#   PIPELINE=0              stop after step 3b (pretrain only; the teacher file tried in the pipeline elsewhere)
+#   WORK=DIR                the scratch folder (default a new one under TMPDIR or /tmp, removed at the end)
+#   KEEP_WORK=1             keep the scratch folder
 set -euo pipefail
 
 usage() { echo "usage: bash benchmarks/pretrain_gpu.sh OUTDIR [--quick]" >&2; exit 2; }

@@ -1,29 +1,24 @@
-"""Throughput of one DINO pretraining step (`transfgu pretrain`): this project's step against its previous
-path, measured in the same run, at several batch sizes, eager and torch.compile'd.
+"""Throughput of one DINO pretraining step (`transfgu pretrain`) at several batch sizes, eager and
+torch.compile'd.
 
     python benchmarks/pretrain_step.py                       # vit_mini/8, 64/32-px crops, 128-px scenes (GPU)
     python benchmarks/pretrain_step.py --quick               # tiny sizes on the CPU, well under a minute
     python benchmarks/pretrain_step.py --batches 256 1024 --compile
 
 Prints one JSON line per configuration: batch, compile, img_per_s (whole steps: multi-crop augmentation on the
-device, teacher and student forwards, loss, backward, clipping, AdamW, EMA, the loss read back once),
-augment_img_per_s (the multi-crop views alone), and for eager runs baseline_img_per_s / speedup: the previous
-path, where every host -> device copy of the augmentation's random values and the per-parameter gradient
-clipping (one clip_grad_norm_ per parameter) each made the host wait for the GPU. Images: synthetic scenes of
-the built-in generator, kept on the device as the `--preload` option does.
+device, teacher and student forwards, loss, backward, clipping, AdamW, EMA, the loss read back once) and
+augment_img_per_s (the multi-crop views alone). Images: synthetic scenes of the built-in generator, kept on the
+device as the `--preload` option does.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from transfgu import augment as augment_module
-from transfgu import dino as dino_module
 from transfgu.data.synthetic import generate_scene
 from transfgu.dino import DINOHead, DINOTrainer, MultiCrop
 from transfgu.models.vit import DinoViT
@@ -37,28 +32,6 @@ SIZES = {"full": dict(arch="vit_mini", patch=8, image=128, global_size=64, local
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def plain_to(t, device):
-    return t.to(device)
-
-
-def clip_loop(parameters, max_norm):
-    for p in parameters:
-        if p.grad is not None:
-            torch.nn.utils.clip_grad_norm_(p, max_norm)
-
-
-@contextmanager
-def previous_path():
-    """The step as it was: synchronous host -> device copies and one clip_grad_norm_ per parameter."""
-    saved = augment_module.to_device, dino_module.to_device, dino_module.clip_each_
-    augment_module.to_device = dino_module.to_device = plain_to
-    dino_module.clip_each_ = clip_loop
-    try:
-        yield
-    finally:
-        augment_module.to_device, dino_module.to_device, dino_module.clip_each_ = saved
 
 
 def scenes(n: int, size: int, device) -> torch.Tensor:
@@ -87,7 +60,7 @@ def rate(step, batches, n_steps: int, device) -> float:
     return n_steps * len(batches[0]) / (time.perf_counter() - t0)
 
 
-def measure(s, memory, batch: int, device, amp: bool, compile: bool, n_steps: int, baseline: bool) -> dict:
+def measure(s, memory, batch: int, device, amp: bool, compile: bool, n_steps: int) -> dict:
     gen = torch.Generator().manual_seed(1)
     batches = [memory[torch.randint(len(memory), (batch,), generator=gen).to(device)].float().div_(255)
                for _ in range(4)]
@@ -98,11 +71,6 @@ def measure(s, memory, batch: int, device, amp: bool, compile: bool, n_steps: in
     row["img_per_s"] = round(rate(trainer.train_step, batches, n_steps, device), 1)
     row["augment_img_per_s"] = round(rate(lambda x, i: trainer.multicrop(x, trainer.generator), batches, n_steps,
                                           device), 1)
-    if baseline and not compile:
-        trainer = trainer_for(s, device, amp, compile)
-        with previous_path():
-            row["baseline_img_per_s"] = round(rate(trainer.train_step, batches, n_steps, device), 1)
-        row["speedup"] = round(row["img_per_s"] / row["baseline_img_per_s"], 2)
     if device.type == "cuda":
         row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
         torch.cuda.reset_peak_memory_stats(device)
@@ -115,7 +83,6 @@ def main(argv=None) -> None:
     ap.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 256 1024; --quick: 8)")
     ap.add_argument("--steps", type=int, help="timed steps per configuration (default: 20; --quick: 2)")
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd backbones")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the previous path")
     ap.add_argument("--device", help="default: cuda when available")
     args = ap.parse_args(argv)
     s = SIZES["quick" if args.quick else "full"]
@@ -124,8 +91,7 @@ def main(argv=None) -> None:
     memory = scenes(s["images"], s["image"], device)
     for batch in args.batches or s["batches"]:
         for compile in (False, True) if args.compile else (False,):
-            print(json.dumps(measure(s, memory, batch, device, amp, compile, args.steps or s["steps"],
-                                     not args.no_baseline)), flush=True)
+            print(json.dumps(measure(s, memory, batch, device, amp, compile, args.steps or s["steps"])), flush=True)
 
 
 if __name__ == "__main__":

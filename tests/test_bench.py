@@ -20,13 +20,14 @@ def test_quick_benchmark_prints_one_json_line_per_stage():
 
 def test_quick_benchmark_reports_storage_loading_and_cluster_backend():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
-                          "--stages", "pseudo171_bf16", "load_train", "cluster", "--cluster-backend", "torch"],
+                          "--stages", "pseudo171_bf16", "pieces", "load_train", "cluster",
+                          "--cluster-backend", "torch"],
                          capture_output=True, text=True, timeout=300, check=True)
     rows = {r["stage"]: r for r in map(json.loads, out.stdout.splitlines())}
     assert rows["pseudo171_bf16"]["precision"] == "bf16" and rows["pseudo171_bf16"]["concepts"] == 171
     assert 0 < rows["pseudo171_bf16"]["stored_mb_per_image"] < 1
+    assert rows["pieces"]["ms_per_batch"] > 0 and rows["pieces"]["disk_kb_per_batch"] > 0  # PieceWriter + merge
     assert rows["load_train"]["workers"] == 2 and rows["load_train"]["img_per_s"] > 0
-    assert rows["load_train"]["assembled_in_workers_img_per_s"] > 0  # the float32 maps assembled in the workers
     assert rows["cluster"]["backend"] == "torch on cpu" and rows["cluster"]["baseline"] == "faiss-cpu"
 
 

@@ -1,4 +1,6 @@
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +8,9 @@ import torch.nn.functional as F
 
 from transfgu.crops import (THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows,
                             cut_crops, select_crops, window_centres, window_fractions, window_pixel_boxes)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from reference import reference_crop_features, reference_cut_crops  # noqa: E402  one crop at a time
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -220,12 +225,9 @@ def test_cut_crops_equals_slice_and_interpolate(grid, out_size, dtype):
     img_idx = torch.randint(0, 3, (len(boxes),), generator=g)
     got = cut_crops(images, img_idx, boxes, out_size)
     assert got.shape == (len(boxes), 3, out_size, out_size) and got.dtype == dtype
-    worst = 0.0
-    for i, (b, (y0, x0, y1, x1)) in enumerate(zip(img_idx.tolist(), boxes.tolist())):
+    for y0, x0, y1, x1 in boxes.tolist():
         assert y1 - y0 == x1 - x0 and (y1 - y0) % p == p - 1
-        ref = F.interpolate(images[b:b + 1, :, y0:y1, x0:x1], size=(out_size, out_size), mode="bilinear",
-                            align_corners=False)
-        worst = max(worst, (got[i] - ref[0]).abs().max().item())
+    worst = (got - reference_cut_crops(images, img_idx, boxes, out_size)).abs().max().item()
     assert worst <= 1e-5, worst
 
 
@@ -269,35 +271,16 @@ def test_cut_crops_rejects_boxes_outside_the_image():
 
 
 # -- the feature bank ---------------------------------------------------------------------------------
-def slow_crop_features(backbone, images, windows, crop_size, things_only=False):
-    """Per image, per window in order: the selection, then slice + F.interpolate + forward of that crop alone."""
-    p = backbone.patch_size
-    grid = images.shape[-1] // p
-    attn = backbone.cls_attention(images)
-    thing, stuff = select_crops(attn.view(len(images), grid, grid), windows)
-    out = ([], [])
-    for b in range(len(images)):
-        for part, keep in zip(out, (thing[b], stuff[b] & (not things_only))):
-            feats = []
-            for i in keep.nonzero().flatten().tolist():
-                y0, x0, y1, x1 = windows[i].tolist()
-                sl = images[b:b + 1, :, p * y0:p * y1 - 1, p * x0:p * x1 - 1]
-                feats.append(backbone(F.interpolate(sl, size=(crop_size, crop_size), mode="bilinear",
-                                                    align_corners=False))[:, 0])
-            part.append(torch.cat(feats) if feats else torch.zeros(0, backbone.embed_dim))
-    return out, thing, stuff
-
-
 @pytest.mark.parametrize("sizes,crop_size", [(THING_STUFF_WINDOW_SIZES, 32), ((0.5, 0.125), 16)])
 def test_crop_features_equal_per_window_reference(tiny_backbone, sizes, crop_size):
     """Every window size (crops of several sizes share a crop batch of 7): per-image lists of float32
-    features, counts equal select_crops', each feature equal to the crop cut, resized and forwarded alone,
-    in window order (thing crops, stuff crops)."""
+    features, counts equal select_crops', each feature equal to the crop cut and resized alone, then forwarded
+    with its image's crops (reference_crop_features), in window order (thing crops, stuff crops)."""
     torch.manual_seed(1)
     images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     windows = crop_windows(8, sizes)
     things, stuffs = crop_features(tiny_backbone, images, windows, crop_size=crop_size, crop_batch=7)
-    (ref_t, ref_s), thing, stuff = slow_crop_features(tiny_backbone, images, windows, crop_size)
+    (ref_t, ref_s), thing, stuff = reference_crop_features(tiny_backbone, images, windows, crop_size)
     assert thing.any() and stuff.any()
     assert len(things) == 2 and len(stuffs) == 2
     for b in range(2):
@@ -314,7 +297,7 @@ def test_crop_features_things_only(tiny_backbone):
     windows = crop_windows(8, THINGS_ONLY_WINDOW_SIZES)
     things, _ = crop_features(tiny_backbone, images, windows, crop_size=32, crop_batch=5)
     t2, s2 = crop_features(tiny_backbone, images, windows, crop_size=32, things_only=True)
-    (ref_t, _), _, _ = slow_crop_features(tiny_backbone, images, windows, 32, things_only=True)
+    (ref_t, _), _, _ = reference_crop_features(tiny_backbone, images, windows, 32, things_only=True)
     for b in range(2):
         assert s2[b].shape == (0, tiny_backbone.embed_dim) and s2[b].dtype == torch.float32
         assert torch.allclose(t2[b], things[b], atol=1e-6)

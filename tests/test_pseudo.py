@@ -1,47 +1,12 @@
+import sys
+from pathlib import Path
+
 import torch
-import torch.nn.functional as F
 
 from transfgu.pseudo import keep_top_mass, pseudo_masks
 
-
-def reference_pseudo_masks(backbone, images, centroids, mass=0.8):
-    """The original algorithm: full last-block attention matrix, one backward per concept, loss
-    averaged over the batch."""
-    vit = backbone.vit
-    B, _, H, W = images.shape
-    h, w = H // backbone.patch_size, W // backbone.patch_size
-    t = backbone.tokens(images)
-    for blk in vit.blocks[:-1]:
-        t = blk(t)
-    blk = vit.blocks[-1]
-    N, D = t.shape[1], t.shape[2]
-    heads = backbone.num_heads
-    qkv = blk.attn.qkv(blk.norm1(t)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    A = ((q * (D // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1).detach().requires_grad_(True)
-    out = (A @ v).transpose(1, 2).reshape(B, N, D)
-    t = t + blk.attn.proj(out)
-    t = t + blk.mlp(blk.norm2(t))
-    z = vit.norm(t)[:, 0]
-    a = A[:, :, 0, 1:].mean(1).detach()
-    a = a / a.max(dim=1, keepdim=True).values
-    maps = []
-    for c in centroids:
-        A.grad = None
-        loss = (1 - F.cosine_similarity(z, c[None], dim=1)).mean()
-        loss.backward(retain_graph=True)
-        G = A.grad[:, :, 0, 1:].mean(1)
-        g = torch.relu(-G)
-        keep = torch.zeros_like(g, dtype=torch.bool)
-        for b in range(B):  # plain per-image sort / cumsum
-            vals, idx = torch.sort(g[b])
-            if vals.sum() > 0:
-                cum = torch.cumsum(vals / vals.sum(), 0)
-                keep[b, idx[cum > 1 - mass]] = True
-        P = a + torch.where(keep, g, torch.zeros_like(g))
-        P[G > 0] = 0
-        maps.append(P.view(B, h, w))
-    return torch.stack(maps, 1)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from reference import reference_pseudo_masks  # noqa: E402  the original per-concept loop
 
 
 def test_batched_pseudo_masks_equal_per_concept_loop(tiny_backbone):
