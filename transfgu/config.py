@@ -140,6 +140,11 @@ def _file(info: ValidationInfo) -> str:
     return str((info.context or {}).get("path", "params.yaml"))
 
 
+def _data_checked(info: ValidationInfo) -> bool:
+    """Whether the rules that read the dataset's own files run (not for `transfgu predict`, which needs none)."""
+    return (info.context or {}).get("check_data", True)
+
+
 class Params(Section):
     """params.yaml. Built by load_params / validate_params, which give the rules below the file's name."""
     seed: NonNegInt
@@ -162,7 +167,7 @@ class Params(Section):
         if d.name in SYNTHETIC and d.synthetic is None:
             raise InputValueError(f"{_file(info)}: missing section dataset.synthetic (keys: n_train, n_val, size), "
                                   f"needed by dataset.name {d.name}")
-        if d.name == FOLDER and not Path(d.root).is_dir():
+        if d.name == FOLDER and _data_checked(info) and not Path(d.root).is_dir():
             raise InputFileNotFound(f"{_file(info)}: dataset.root: {d.root} is not a folder (dataset.name folder "
                                     f"reads <root>/images/train and <root>/images/val; README, 'Your own images')")
         return self
@@ -177,6 +182,8 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _task_resolves(self, info: ValidationInfo):
+        if not _data_checked(info):
+            return self
         dataset_is_things_only(self.dataset)  # a bad classes.yaml: its own message, naming that file
         try:
             self._task = resolve_task(self.dataset, self.granularity)
@@ -199,7 +206,8 @@ class Params(Section):
 
     @property
     def task(self) -> Task:
-        """The Task of (dataset, granularity), resolved once when the params were checked."""
+        """The Task of (dataset, granularity), resolved once when the params were checked (None when the data's
+        files were not checked)."""
         return self._task
 
     @property
@@ -327,10 +335,12 @@ def _first_error(errors: list, data, path) -> BadInput:
     return InputValueError(_message(err, data, str(path)))
 
 
-def validate_params(data: dict, path="params.yaml") -> Params:
-    """Params from an already parsed params.yaml; a one-line BadInput naming the file and the key otherwise."""
+def validate_params(data: dict, path="params.yaml", check_data: bool = True) -> Params:
+    """Params from an already parsed params.yaml; a one-line BadInput naming the file and the key otherwise.
+    `check_data=False` leaves out the rules that read the dataset's files (a folder's classes.yaml; `task` is
+    then None)."""
     try:
-        params = Params.model_validate(data, context={"path": str(path)})
+        params = Params.model_validate(data, context={"path": str(path), "check_data": check_data})
     except ValidationError as e:
         raise _first_error(e.errors(), data, path) from None
     params._path = Path(path)
@@ -340,12 +350,12 @@ def validate_params(data: dict, path="params.yaml") -> Params:
 _CACHE: dict = {}
 
 
-def load_params(path=None) -> Params:
+def load_params(path=None, check_data: bool = True) -> Params:
     """Params of `path` (default $TRANSFGU_PARAMS, else params.yaml), read and checked once per process for
-    each (file, modification time)."""
+    each (file, modification time); `check_data` as for validate_params."""
     path = Path(path or os.environ.get("TRANSFGU_PARAMS") or "params.yaml")
     try:
-        key = (path.resolve(), path.stat().st_mtime_ns)
+        key = (path.resolve(), path.stat().st_mtime_ns, check_data)
     except FileNotFoundError:
         raise InputFileNotFound(f"{path} not found: run the stages from the project root") from None
     if key not in _CACHE:
@@ -353,7 +363,7 @@ def load_params(path=None) -> Params:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise InputValueError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
-        _CACHE[key] = validate_params(data, path)
+        _CACHE[key] = validate_params(data, path, check_data)
     return _CACHE[key]
 
 
