@@ -1,4 +1,5 @@
-# Two commands: `make repro` runs the whole pipeline, `make test` runs the test suite.
+# `make repro` runs the whole pipeline; `make test` runs the fast tests (not marked slow: a few minutes),
+# `make test-all` every test (the slow ones spawn dvc, torchrun and Python processes; CI runs it).
 # Both create .venv when it is absent and install the project into it (pip install -e .).
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,7 +7,7 @@ BIN := $(CURDIR)/$(VENV)/bin
 # install extras: test, and the faiss build (cpu, gpu-cu12 or gpu-cu13; see README 'Installing')
 EXTRAS ?= test,cpu
 
-.PHONY: install repro test
+.PHONY: install repro test test-all
 
 install: $(VENV)/.installed
 
@@ -19,4 +20,7 @@ repro: install
 	PATH="$(BIN):$$PATH" dvc repro
 
 test: install
+	PATH="$(BIN):$$PATH" python -m pytest -q -m "not slow"
+
+test-all: install
 	PATH="$(BIN):$$PATH" python -m pytest -q

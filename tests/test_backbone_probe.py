@@ -59,6 +59,7 @@ def test_probe_signals_against_direct_counts():
     assert row["crop_purity"] >= row["crop_purity_chance"]  # k clusters never do worse than one
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_cli_one_line_per_backbone_and_clear_errors(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(REPO / "benchmarks" / "backbone_probe.py"), *a],  # noqa: E731
                                     capture_output=True, text=True, timeout=300)

@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_quick_benchmark_prints_one_json_line_per_stage():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
                           "--stages", "pseudo27", "train"], capture_output=True, text=True, timeout=300, check=True)
@@ -18,6 +21,7 @@ def test_quick_benchmark_prints_one_json_line_per_stage():
         assert abs(r["speedup"] - r["img_per_s"] / r["baseline_img_per_s"]) < 0.01 * r["speedup"] + 0.01
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_quick_benchmark_reports_storage_loading_and_cluster_backend():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
                           "--stages", "pseudo171_bf16", "pieces", "load_train", "cluster",
@@ -31,6 +35,7 @@ def test_quick_benchmark_reports_storage_loading_and_cluster_backend():
     assert rows["cluster"]["backend"] == "torch on cpu" and rows["cluster"]["baseline"] == "faiss-cpu"
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_quick_benchmark_extract_and_cut():
     """extract and extract_cut: the batched cut equals the per-window slice + F.interpolate on the same boxes."""
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), "--quick", "--repeats", "1",
@@ -46,6 +51,7 @@ def test_quick_benchmark_extract_and_cut():
     assert cut["max_abs_diff"] <= 1e-5
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_quick_benchmark_without_baselines_for_the_gpu_table():
     """--no-baseline (what benchmarks/gpu.sh runs): baseline fields null; evaluate times forward + upsample +
     argmax + confusion; --train-batch sets the train step's batch; --tf32 is recorded, and the fp32 pseudo line
@@ -64,6 +70,7 @@ def test_quick_benchmark_without_baselines_for_the_gpu_table():
     assert rows["extract"]["batch"] == 2 and rows["extract"]["crops_per_s"] > 0
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_quick_benchmark_device_jpeg_decode():
     """load_device_decode: JPEG bytes read by the workers, decoded by torchvision on the bench device and resized
     to R (antialiased): within a fraction of a uint8 level of the pipeline's PIL images."""

@@ -13,6 +13,8 @@ import dataset_trees as trees
 from tiny_project import copy_project, default_params
 from tiny_project import run as run_in_project
 
+pytestmark = pytest.mark.slow  # the whole module spawns dvc / torchrun / bash processes
+
 REPO = Path(__file__).resolve().parent.parent
 AFTER_PREPARE = {"extract", "cluster", "pseudo", "train", "evaluate"}
 TINY = {"granularity": 4,

@@ -196,6 +196,7 @@ def teacher_of(path):
     return torch.load(path, map_location="cpu", weights_only=True)["teacher"]
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_pretrain_command_end_to_end(tmp_path):
     folder = image_folder(tmp_path)
     out = tmp_path / "weights" / "dino.pth"
@@ -229,6 +230,7 @@ def test_pretrain_command_end_to_end(tmp_path):
     assert proc.returncode == 2 and "multiple of the patch size" in proc.stderr
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_pretrain_resume_gives_the_uninterrupted_weights(tmp_path):
     """6 steps straight == 3 steps, stopped (as --minutes stops), then the same command again: identical teacher,
     student, head and loss curve; the interrupted run leaves its state file and usable checkpoints."""
@@ -274,6 +276,7 @@ def test_pretrain_resume_gives_the_uninterrupted_weights(tmp_path):
     assert proc.returncode == 0 and "starting afresh" in proc.stderr and "resumed" not in proc.stderr
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_pretrain_minutes_budget_stops_after_the_crossing_step(tmp_path):
     folder = image_folder(tmp_path)
     out = tmp_path / "d.pth"
@@ -286,6 +289,7 @@ def test_pretrain_minutes_budget_stops_after_the_crossing_step(tmp_path):
     assert summary["lr_last"] == 0.0  # the schedule was planned over the 1000 steps (step 0 of its warm-up)
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_pretrain_compile_flag(tmp_path):
     """--compile runs the backbones through torch.compile (the eager backend: the wiring, without the minutes of
     C++ code generation inductor takes on a CPU) and gives the weights of the plain run."""
@@ -306,6 +310,7 @@ def test_pretrain_compile_flag(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=0), k
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_stages_pretrain_is_the_same_command(tmp_path):
     folder = image_folder(tmp_path, n=4)
     proc = run_pretrain(["--images", str(folder), *TINY, "--steps", "1", "--out", str(tmp_path / "d.pth")], tmp_path,

@@ -15,6 +15,8 @@ import yaml
 
 from tiny_project import copy_project, default_params
 
+pytestmark = pytest.mark.slow  # the whole module spawns dvc / torchrun / bash processes
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"dataset": {"R": 32, "synthetic": {"n_train": 12, "n_val": 6, "size": 64}},
         "extract": {"batch_size": 4, "crop_batch": 64}, "pseudo": {"batch_size": 4},

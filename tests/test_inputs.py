@@ -83,6 +83,7 @@ def assert_one_line_failure(proc, *needles):
     ("prepare", "train.batch_size", 9, ["train.batch_size 9 is larger than the 8 train images"]),
     ("extract", "train.batch_size", 9, ["train.batch_size 9 is larger than the 8 train images"]),
 ])
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_bad_params_stop_a_stage_before_any_work(prepared, name, key, value, needles):
     before = snapshot(prepared)
     set_params(prepared, **{key: value})
@@ -91,6 +92,7 @@ def test_bad_params_stop_a_stage_before_any_work(prepared, name, key, value, nee
     assert snapshot(prepared) == before
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_wrong_checkpoint_is_one_line(prepared):
     import torch
     torch.save({"teacher": {"backbone.cls_token": torch.zeros(1, 1, 7)}}, prepared / "wrong.pth")
@@ -100,6 +102,7 @@ def test_wrong_checkpoint_is_one_line(prepared):
     assert snapshot(prepared) == before
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_unreadable_image_is_one_line_without_traceback(prepared):
     image = sorted((prepared / "data/synthetic/images/train").iterdir())[3]
     trees.truncate(image)
@@ -110,10 +113,12 @@ def test_unreadable_image_is_one_line_without_traceback(prepared):
     assert not list((prepared / "outputs").glob(".feature_bank.h5.tmp*"))
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_missing_upstream_artifact_is_one_line(prepared):
     assert_one_line_failure(stage(prepared, "cluster"), "outputs/feature_bank.h5 not found: run the extract stage")
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_one_line_under_torchrun_too(prepared):
     set_params(prepared, **{"launcher.nproc_per_node": 2, "extract.batch_size": 2})
     trees.truncate(sorted((prepared / "data/synthetic/images/train").iterdir())[5])

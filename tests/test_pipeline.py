@@ -150,6 +150,7 @@ def test_thing_stuff_split_of_the_scores(project):
     assert pseudo["pseudo_miou_things"] <= 100 and 0 <= pseudo["pseudo_miou_stuff"] <= 100
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_rerun_gives_identical_results(project):
     """Same params and seed on the same machine: the same centroids, decoder weights and metrics."""
     root, _ = project
@@ -173,6 +174,7 @@ def test_granularity_experiment_reruns_cluster_onward_only(project):
     assert '"miou"' in text and '"granularity": 12' in text
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_things_only_dataset_runs_with_background_channel(project):
     root, _ = project
     out = dvc("exp", "run", "-S", "dataset.name=synthetic-things", "-S", "granularity=4", cwd=root)
@@ -194,6 +196,7 @@ def test_invalid_granularity_fails_before_any_work(project):
     assert "granularity: 5 is not valid" in proc.stderr and "synthetic: granularity [6, 12]" in proc.stderr
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_evaluate_only_with_a_given_decoder(project):
     """`stages/evaluate.py --decoder` scores a decoder file without training, into outputs/published/<name>/;
     on the trained decoder it reproduces the stage's own metrics. A decoder of other shapes is refused."""
@@ -213,6 +216,7 @@ def test_evaluate_only_with_a_given_decoder(project):
     assert proc.returncode != 0 and "wrong_decoder.pt" in proc.stderr and "cls_emb" in proc.stderr
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_real_dataset_layout_through_dvc_exp_run(project, tmp_path):
     """`dvc exp run -S dataset.name=voc -S dataset.root=... -S granularity=21` on a fixture tree in the exact
     Pascal VOC layout runs all six stages (every other pair runs in-process in test_datasets_dag.py)."""

@@ -153,6 +153,7 @@ def test_gpu_sh_syntax():
     subprocess.run(["bash", "-n", str(GPU_SH)], check=True)
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_gpu_sh_quick_two_lines(tmp_path):
     """The --quick path end to end on two lines: JSON lines, log, per-line times and the final table."""
     out = subprocess.run(["bash", str(GPU_SH), str(tmp_path / "out"), "--quick"], capture_output=True, text=True,
@@ -178,6 +179,7 @@ def test_gpu_sh_variant_lines_skip_the_baseline():
     assert with_baseline == {"pseudo_fp32", "evaluate", "train_target", "extract", "load_host", "cluster"}
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_gpu_sh_budget_skips_lines_instead_of_failing(tmp_path):
     """GPU_SH_BUDGET: the line running when it is spent is stopped and, with every line after it, listed as not
     measured; the script still writes the table of what it measured and exits 0."""
@@ -204,6 +206,7 @@ def test_gpu_sh_budget_skips_lines_instead_of_failing(tmp_path):
     ('echo boom >&2; exit 3', "FAILED: pseudo_bf16 (bench.py --stages pseudo171_bf16 pseudo27_bf16 exited non-zero"),
     ('echo \'{"stage": "pseudo171_bf16", "img_per_s": NaN}\'', "FAILED: pseudo_bf16 (stage pseudo171_bf16: no finite"),
 ])
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_gpu_sh_fails_loudly_with_the_stage_name(tmp_path, fake, message):
     """A bench.py that errors, or prints a NaN rate, stops the script with the line's name (exit 1)."""
     py = tmp_path / "fakepython"
@@ -217,6 +220,7 @@ def test_gpu_sh_fails_loudly_with_the_stage_name(tmp_path, fake, message):
     assert ("full COCO-Stuff-171" in out.stdout) == ("NaN" in fake)
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_gpu_sh_failure_after_a_line_still_prints_its_table(tmp_path):
     """A line that fails after others succeeded, itself after one of its stages printed its line: the table of
     everything measured (that stage included), then FAILED with the line's name and stages."""
@@ -269,6 +273,7 @@ def _wheel(folder: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_gpu_sh_installs_carried_wheels_for_the_run(tmp_path):
     """GPU_SH_WHEELS: its wheels are importable by every bench.py process of the run (here a fake bench that
     reports a value read from the installed module), installed nowhere but a temporary folder; a folder without

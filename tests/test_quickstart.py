@@ -3,8 +3,12 @@ files git knows, a new git repository, as a clone) whose params.yaml is overridd
 `make repro` finds the environment installed (.venv links to the interpreter running the tests) and runs
 `dvc repro`; everything else is the README's own command lines. Then the recovery line the block gives for a
 failed `dvc exp run`, after a run that fails."""
+import csv
+import io
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,6 +18,8 @@ import pytest
 import yaml
 
 from tiny_project import merge
+
+pytestmark = pytest.mark.slow  # the whole module spawns dvc / torchrun / bash processes
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.prefix) / "bin"
@@ -82,30 +88,54 @@ def quickstart(clone):
     return root, env, block, bash(block, root, env)
 
 
+HEADLINE = ["miou", "pixel_accuracy", "baseline_miou", "miou_things", "miou_stuff"]
+
+
+def block_command(block: str, start: str) -> str:
+    """The block's command line that starts with `start`, without its comment."""
+    (line,) = [line for line in block.splitlines() if line.startswith(start)]
+    return shlex.join(shlex.split(line, comments=True))
+
+
+def exp_entries(shown: list):
+    """(kind, name, params.yaml data) of each row of `dvc exp show --json`: workspace, baseline, experiment."""
+    for entry in shown:
+        params = entry["data"]["params"]["params.yaml"]["data"]
+        yield ("workspace" if entry["rev"] == "workspace" else "baseline"), entry["name"], params
+        for exp in entry.get("experiments") or []:
+            for rev in exp["revs"]:
+                yield "experiment", rev["name"], rev["data"]["params"]["params.yaml"]["data"]
+
+
 def test_quickstart_runs_as_printed(quickstart):
+    """The block's output, with its tables read again through DVC's machine formats (--json, --csv) so that no
+    assertion depends on how a DVC version draws a table; on the printed text only: nothing is cut to "…" and
+    every column name shows in one piece at COLUMNS=120."""
     root, env, block, proc = quickstart
     out = proc.stdout + proc.stderr
     assert out.count("Running stage 'evaluate'") == 2  # make repro, then the granularity=12 experiment
     assert "Running stage 'extract'" in out and out.count("Running stage 'extract'") == 1
     assert (root / "dvc_plots" / "index.html").is_file()
-    # dvc metrics show outputs/metrics.json: the headline only, within 120 columns
-    shown = [line for line in proc.stdout.splitlines() if line.startswith(("Path", "outputs/metrics.json"))]
-    assert len(shown) == 2 and shown[0].split() == ["Path", "baseline_miou", "baseline_pixel_accuracy", "miou",
-                                                    "miou_stuff", "miou_things", "pixel_accuracy"]
-    assert all(len(line) <= 120 for line in shown)
-    # dvc exp show --drop/--keep at COLUMNS=120: every column shown in full, nothing cut to "…"
-    lines = proc.stdout.splitlines()
-    h = next(i for i, line in enumerate(lines) if line.split()[:1] == ["Experiment"] and lines[i - 1].strip()
-             .startswith("─"))
-    end = next(i for i in range(h + 2, len(lines)) if lines[i].strip().startswith("─"))
-    table = lines[h - 1:end + 1]  # border, header, border, rows, border
-    assert lines[h].split() == ["Experiment", "miou", "pixel_accuracy", "baseline_miou", "miou_things", "miou_stuff",
-                                "granularity"]
-    assert all(len(line) <= 120 and "…" not in line for line in table), "\n".join(table)
-    rows = [line.split() for line in lines[h + 2:end]]
-    assert len(rows) == 3 and rows[0][0] == "workspace" and rows[0][-1] == "12" and rows[-1][-1] == "12"
-    for row in rows:  # "└── <sha> [<name>]" takes 3 words; every metric and parameter has a value
-        assert len(row) == len(lines[h].split()) + (2 if row[0] == "└──" else 0), rows
+    activate = "source .venv/bin/activate && "
+    # dvc metrics show outputs/metrics.json: the headline only
+    shown = json.loads(bash(activate + block_command(block, "dvc metrics show") + " --json", root, env).stdout)
+    files = {path: f["data"] for rev in shown.values() for path, f in rev["data"].items()}
+    assert list(files) == ["outputs/metrics.json"]
+    assert set(files["outputs/metrics.json"]) == {*HEADLINE, "baseline_pixel_accuracy"}
+    # dvc exp show --drop/--keep: the headline and granularity columns, a value in each for the workspace, the
+    # baseline commit and the granularity=12 experiment
+    exp_show = block_command(block, "dvc exp show")
+    table = list(csv.reader(io.StringIO(bash(activate + exp_show + " --csv", root, env).stdout)))
+    assert table[0] == ["Experiment", *HEADLINE, "granularity"], table[0]
+    assert len(table) == 1 + 3 and all(all(row[1:]) for row in table[1:]), table
+    rows = list(exp_entries(json.loads(bash(activate + exp_show + " --json", root, env).stdout)))
+    assert sorted(kind for kind, _, _ in rows) == ["baseline", "experiment", "workspace"], rows
+    grains = {kind: params["granularity"] for kind, _, params in rows}
+    assert grains["workspace"] == grains["experiment"] == 12, grains
+    # the printed tables at COLUMNS=120: nothing elided, no column name broken over lines
+    assert "…" not in proc.stdout, proc.stdout[-4000:]
+    for name in [*HEADLINE, "baseline_pixel_accuracy", "granularity"]:
+        assert re.search(rf"(?<!\w){name}(?!\w)", proc.stdout), (name, proc.stdout[-4000:])
 
 
 def test_recovery_line_after_a_failed_experiment(quickstart):
@@ -122,5 +152,5 @@ def test_recovery_line_after_a_failed_experiment(quickstart):
     bash(f"source .venv/bin/activate && {line}", root, env)
     assert "bogus" not in (root / "params.yaml").read_text()
     assert (root / "outputs" / "decoder.pt").is_file() and (root / "outputs" / "dvclive" / "metrics.json").is_file()
-    status = bash("source .venv/bin/activate && dvc status", root, env).stdout
-    assert status.split() == ["prepare:", "always", "changed"], status  # prepare re-reads the data on every repro
+    status = json.loads(bash("source .venv/bin/activate && dvc status --json", root, env).stdout)
+    assert status == {"prepare": ["always changed"]}, status  # prepare re-reads the data on every repro

@@ -156,6 +156,7 @@ def killed_with_other_params(root, stage):
 
 
 @pytest.mark.parametrize("stage", ["extract", "pseudo", "evaluate"])
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_sharded_stage_killed_resumed_with_other_process_counts_gives_the_same_bytes(project, stage):
     """0. (pseudo) a run with other params killed (its pieces must not be reused); 1. one process killed after a
     seeded random number n1 of batches (the stale pieces removed, n1 kept); 2. two processes resume, killed while rank 1
@@ -187,6 +188,7 @@ def test_sharded_stage_killed_resumed_with_other_process_counts_gives_the_same_b
     assert hidden(root / "outputs") == []
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_train_killed_three_times_gives_the_same_bytes(project):
     """0. a run with another lr killed (its checkpoint must not be reused); 1. killed after a seeded random
     number n1 of epochs; 2. killed while writing the next checkpoint; 3. killed once decoder.pt and train_log.csv
@@ -215,6 +217,7 @@ def test_train_killed_three_times_gives_the_same_bytes(project):
     assert hidden(root / "outputs") == []
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_training_under_ddp_resumes_to_the_same_bytes(project):
     """Two gloo processes: rank 0 writes the checkpoint, both read it; killed after a seeded random epoch, the
     run ends with the bytes of an uninterrupted two-process run."""
@@ -234,6 +237,7 @@ def test_training_under_ddp_resumes_to_the_same_bytes(project):
     assert hidden(root / "outputs") == []
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_evaluate_with_a_given_decoder_resumes(project):
     """`stages/evaluate.py --decoder` (outputs/published/<name>/) keeps its pieces there and resumes: the same
     scores and predictions as the stage's own run on the same decoder."""
@@ -253,6 +257,7 @@ def test_evaluate_with_a_given_decoder_resumes(project):
     assert hidden(published) == [] and hidden(root / "outputs") == []
 
 
+@pytest.mark.slow  # spawns processes (see the module's run helpers)
 def test_train_stops_on_a_non_finite_loss_with_a_one_line_error(project):
     """lr = 1e30 overflows the weights at the first step: the second step's loss is NaN; exit status 2, one line."""
     root = project
