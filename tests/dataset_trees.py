@@ -1,4 +1,4 @@
-"""Tiny fixture trees in the on-disk formats of the real datasets (README, "Data layout"), for the dataset
+"""Tiny fixture trees in the on-disk formats of the real datasets (docs/usage.md, "Data layout"), for the dataset
 adapter tests. Not a test module.
 
 Every label map is a partition of the image into axis-aligned rectangles (a grid with random cut points),

@@ -82,7 +82,7 @@ def test_the_default_params_pass_with_the_defaults_of_the_code():
                                     r"\(> 0 and <= 1\), got \[\]"),
     ({"train": 3}, r"params.yaml: train must be a mapping of keys \(epochs, batch_size, .*\), got 3"),
     ({"backbone__checkpoint": "weight/dino/nope.pth"},
-     r"backbone.checkpoint: weight/dino/nope.pth does not exist \(README, 'Backbone weights'\)"),
+     r"backbone.checkpoint: weight/dino/nope.pth does not exist \(docs/usage.md, 'Backbone weights'\)"),
 ])
 def test_bad_params_are_one_line_naming_the_key(changes, message):
     with pytest.raises(BadInput, match=message) as e:

@@ -281,7 +281,7 @@ def test_image_list_leaving_nothing_is_an_error(tree, tmp_path):
     cfg = dataset_cfg("cocostuff", tree["coco"], image_list={"train": str(lst), "val": None})
     with pytest.raises(FileNotFoundError, match="no train images") as e:
         list_split(cfg, "train")
-    assert str(tree["coco"]) in str(e.value) and "README" in str(e.value)
+    assert str(tree["coco"]) in str(e.value) and "docs/usage.md" in str(e.value)
 
 
 def test_image_list_ids_with_dots(copy_tree, tmp_path):
@@ -331,13 +331,13 @@ def test_folder_lists_images_of_any_extension(tree):
 
 
 def test_folder_missing_label_is_an_error(copy_tree):
-    """README, 'Your own images': when labels/ exists, every image needs its label."""
+    """docs/usage.md, 'Your own images': when labels/ exists, every image needs its label."""
     root = copy_tree("folder")
     missing = root / "labels/val/d_palette.png"
     missing.unlink()
     with pytest.raises(FileNotFoundError) as e:
         prepare_index(dataset_cfg("folder", root), 0)
-    assert str(missing) in str(e.value) and "README" in str(e.value)
+    assert str(missing) in str(e.value) and "docs/usage.md" in str(e.value)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_missing_dataset_folder(tmp_path, name, missing):
     root = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError) as e:
         prepare_index(dataset_cfg(name, root, n_things=2), 0)
-    assert str(root / missing) in str(e.value) and "README" in str(e.value)
+    assert str(root / missing) in str(e.value) and "docs/usage.md" in str(e.value)
 
 
 @pytest.mark.parametrize("key, name, remove", [
@@ -369,7 +369,7 @@ def test_missing_part_of_a_dataset(copy_tree, key, name, remove):
     shutil.rmtree(path) if path.is_dir() else path.unlink()
     with pytest.raises(FileNotFoundError) as e:
         prepare_index(dataset_cfg(name, root), 0)
-    assert str(path) in str(e.value) and "README" in str(e.value)
+    assert str(path) in str(e.value) and "docs/usage.md" in str(e.value)
 
 
 def test_missing_image_list_file(tree, tmp_path):
@@ -377,7 +377,7 @@ def test_missing_image_list_file(tree, tmp_path):
     cfg = dataset_cfg("cocostuff", tree["coco"], image_list={"train": None, "val": str(lst)})
     with pytest.raises(FileNotFoundError) as e:
         prepare_index(cfg, 0)
-    assert str(lst) in str(e.value) and "README" in str(e.value)
+    assert str(lst) in str(e.value) and "docs/usage.md" in str(e.value)
 
 
 @pytest.mark.parametrize("name, bad", [("cocostuff", 28), ("cocostuff", 80), ("coco80", 81), ("cityscapes", 19),

@@ -3,9 +3,8 @@ granularities") and for a plain image folder with and without labels, on the tin
 dataset_trees.py (much faster than through DVC; tests/test_pipeline.py covers the DVC wiring)."""
 from __future__ import annotations
 
-import importlib
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import h5py
@@ -18,7 +17,7 @@ from PIL import Image
 import dataset_trees as trees
 from transfgu.config import dataset_config
 from transfgu.data.tasks import resolve_task
-from tiny_project import merge  # noqa: E402
+from tiny_project import merge, run_stage_here  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("prepare", "extract", "cluster", "pseudo", "train", "evaluate")
@@ -54,25 +53,11 @@ CASES = [
 
 @pytest.fixture
 def stage_modules(monkeypatch):
-    """The stage scripts as modules (their `main()` reads ./params.yaml); global torch state restored."""
-    monkeypatch.syspath_prepend(str(REPO / "stages"))
+    """The stage scripts run in this process (much faster than a process each); global torch state restored."""
     monkeypatch.delenv("TRANSFGU_PARAMS", raising=False)
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    grad = torch.is_grad_enabled()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: one thread is faster, and much faster on a shared machine
-    saved = {name: sys.modules.pop(name, None) for name in (*STAGES, "common")}
-    mods = {name: importlib.import_module(name) for name in STAGES}
-    for name, mod in mods.items():
-        assert Path(mod.__file__).resolve() == REPO / "stages" / f"{name}.py", mod.__file__
-    yield mods
-    for name, mod in saved.items():  # leave no top-level `train`, `common`... behind for other tests
-        sys.modules.pop(name, None)
-        if mod is not None:
-            sys.modules[name] = mod
-    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    torch.set_grad_enabled(grad)
+    yield run_stage_here
     torch.set_num_threads(threads)
 
 
@@ -87,9 +72,9 @@ def run_pipeline(tmp_path, monkeypatch, stage_modules, name, granularity, build,
     merge(params, {"dataset": dataset_extra, **params_extra})
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.chdir(project)
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")  # the stages read their files from it
     for stage in STAGES:
-        monkeypatch.setattr(sys, "argv", [f"stages/{stage}.py"])  # as `python stages/<stage>.py`
-        stage_modules[stage].main()
+        stage_modules(stage)
     return project, params, resolve_task(dataset_config(params["dataset"]), granularity)
 
 

@@ -114,4 +114,4 @@ def test_stage_with_device_decode_on_png_files_fails_in_one_line(tmp_path, monke
                      {"extract": {"decode": "device"}})
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "extract.decode: device decodes JPEG files only" in err and ".png is not one (use host)" in err
+    assert "decode: device decodes JPEG files only" in err and ".png is not one (use decode: host)" in err

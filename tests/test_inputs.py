@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import dataset_trees as trees
-from tiny_project import copy_project, default_params
+from tiny_project import copy_project, default_params, run_stage_here
 
 
 # The params.yaml and classes.yaml checks themselves, in-process: tests/test_config.py.
@@ -109,6 +109,7 @@ def test_unreadable_image_is_one_line_without_traceback(prepared):
     before = snapshot(prepared)
     proc = stage(prepared, "extract")
     assert_one_line_failure(proc, f"cannot read image {image.relative_to(prepared)}")
+    assert "`dataset.skip_bad: true` makes prepare leave unreadable images out" in proc.stderr
     assert snapshot(prepared) == before
     assert not list((prepared / "outputs").glob(".feature_bank.h5.tmp*"))
 
@@ -141,14 +142,9 @@ def test_full_disk_while_writing_leaves_nothing_and_says_how_much(prepared, monk
 
     monkeypatch.setattr(feature_bank, "merge_batches", full_disk)
     monkeypatch.chdir(prepared)
-    monkeypatch.syspath_prepend(str(prepared / "stages"))
-    monkeypatch.setattr(sys, "argv", ["stages/extract.py"])
-    for mod in ("common", "checks", "runtime", "extract"):
-        sys.modules.pop(mod, None)
-    import extract
     before = snapshot(prepared)
     with pytest.raises(SystemExit) as e:
-        extract.main()
+        run_stage_here("extract")
     assert e.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: writing outputs/feature_bank.h5 failed: No space left on device; it needs "
@@ -157,8 +153,6 @@ def test_full_disk_while_writing_leaves_nothing_and_says_how_much(prepared, monk
     assert snapshot(prepared) == before
     assert not (prepared / "outputs/feature_bank.h5").exists()
     assert not list((prepared / "outputs").glob(".feature_bank.h5.tmp*"))
-    for mod in ("common", "checks", "runtime", "extract"):
-        sys.modules.pop(mod, None)
 
 
 def test_disk_error_of_atomic_output_names_the_needed_size(tmp_path):
@@ -174,6 +168,37 @@ def test_disk_error_of_atomic_output_names_the_needed_size(tmp_path):
     with pytest.raises(ValueError, match="not a disk error"):  # other errors pass through unchanged
         with atomic_output(target) as tmp:
             raise ValueError("not a disk error")
+
+
+def test_ctrl_c_is_one_line_saying_what_was_kept(prepared, monkeypatch, capsys, caplog):
+    """Ctrl-C in the second batch of extract: no traceback, status 130, one line saying that the finished batch is
+    kept and a re-run continues from it; the re-run then computes the other batches only."""
+    import transfgu.crops as crops
+    real, calls = crops.crop_features, []
+
+    def interrupted_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(crops, "crop_features", interrupted_second_time)  # what stages/extract.py imports
+    monkeypatch.chdir(prepared)
+    with pytest.raises(SystemExit) as e:
+        run_stage_here("extract")
+    assert e.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("interrupted: extract stopped; its finished batches are kept and a "
+                                            "re-run (dvc repro) continues from them")
+    assert not (prepared / "outputs/feature_bank.h5").exists()
+    [pieces] = (prepared / "outputs").glob(".feature_bank.h5.pieces-*")
+    assert len(list(pieces.iterdir())) >= 1
+    monkeypatch.setattr(crops, "crop_features", real)
+    with caplog.at_level("INFO", logger="transfgu"):
+        run_stage_here("extract")
+    assert (prepared / "outputs/feature_bank.h5").is_file()
+    assert "resuming from" in caplog.text and "1 of 2 batches already done" in caplog.text
 
 
 # -- transfgu predict ---------------------------------------------------------------------------------------
@@ -198,29 +223,55 @@ def predict(root, *extra):
                  str(root / "params.yaml"), "--out", str(root / "out"), *extra])
 
 
-def test_predict_with_a_decoder_of_another_backbone_is_one_line(predict_dir, caplog):
+def error_line(capsys) -> str:
+    """The one line an expected error printed (stderr holds nothing else)."""
+    [line] = capsys.readouterr().err.strip().splitlines()
+    return line
+
+
+def test_predict_with_a_decoder_of_another_backbone_is_one_line(predict_dir, capsys):
     with pytest.raises(SystemExit) as e:
         predict(predict_dir, "--arch", "vit_small")
     assert e.value.code == 2
-    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
-    assert record.getMessage() == (f"{predict_dir / 'decoder.pt'} was trained on a backbone of width 192 (vit_mini, "
+    assert error_line(capsys) == (f"error: {predict_dir / 'decoder.pt'} was trained on a backbone of width 192 (vit_mini, "
                                    f"vit_tiny), but the backbone is vit_small of width 384: pass --arch (and "
                                    f"--checkpoint) of the backbone it was trained with, or its params.yaml")
     assert not (predict_dir / "out").exists()
 
 
-def test_predict_stops_at_an_unreadable_image_or_skips_it(predict_dir, caplog):
+def test_predict_stops_at_an_unreadable_image_or_skips_it(predict_dir, caplog, capsys):
     with pytest.raises(SystemExit) as e:
         predict(predict_dir)
     assert e.value.code == 2
-    assert any("cannot read image" in r.getMessage() and "b.png" in r.getMessage() for r in caplog.records)
+    line = error_line(capsys)
+    assert line.startswith("error: ") and "cannot read image" in line and "b.png" in line
     predict(predict_dir, "--skip-bad")
     assert sorted(p.name for p in (predict_dir / "out").glob("*_label.png")) == ["a_label.png", "c_label.png"]
     assert any(r.levelname == "WARNING" and "b.png" in r.getMessage() for r in caplog.records)
 
 
-def test_predict_with_a_missing_checkpoint_is_one_line(predict_dir, caplog):
+def test_predict_with_a_missing_checkpoint_is_one_line(predict_dir, capsys):
     with pytest.raises(SystemExit) as e:
         predict(predict_dir, "--checkpoint", str(predict_dir / "nope.pth"))
     assert e.value.code == 2
-    assert any("backbone checkpoint not found" in r.getMessage() for r in caplog.records)
+    assert "backbone checkpoint not found" in error_line(capsys)
+
+
+@pytest.mark.parametrize("size", [60, 4])
+def test_predict_with_a_size_off_the_patch_grid_is_one_line(predict_dir, capsys, size):
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir, "--size", str(size))
+    assert e.value.code == 2
+    assert error_line(capsys) == f"error: --size / dataset.R: expected a multiple of the patch size 8, got {size}"
+    assert not (predict_dir / "out").exists()
+
+
+def test_predict_checks_params_yaml(predict_dir, capsys):
+    """transfgu predict reads params.yaml through the same typed configuration as the stages."""
+    text = (predict_dir / "params.yaml").read_text().replace("arch: vit_mini", "arch: vit_mni")
+    (predict_dir / "params.yaml").write_text(text)
+    with pytest.raises(SystemExit) as e:
+        predict(predict_dir)
+    assert e.value.code == 2
+    line = error_line(capsys)
+    assert line.startswith(f"error: {predict_dir / 'params.yaml'}: backbone.arch: expected one of ") and "vit_mni" in line

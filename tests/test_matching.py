@@ -1,9 +1,7 @@
 """The cluster -> class matching: evaluate saves it (outputs/cluster_classes.json), `transfgu predict` names and
 colours its outputs with it, in the colours of evaluate's pictures."""
-import argparse
-import importlib
 import json
-import sys
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,8 @@ import torch.nn.functional as F
 import yaml
 from PIL import Image
 
+import transfgu.segmenter
+from tiny_project import default_params, run_stage_here
 from transfgu import cli
 from transfgu.matching import match_clusters, read_cluster_classes, unmatched_clusters, write_cluster_classes
 from transfgu.models.decoder import build_decoder
@@ -80,12 +80,8 @@ class RedCodeSegmenter:
 
 @pytest.fixture
 def evaluate_module(monkeypatch, tmp_path):
-    """stages/prepare.py and stages/evaluate.py as modules, in a project folder; global torch state restored."""
-    monkeypatch.syspath_prepend(str(REPO / "stages"))
+    """A project folder after stages/prepare.py (run in this process), with dvc.yaml."""
     monkeypatch.delenv("TRANSFGU_PARAMS", raising=False)
-    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
-    names = ("prepare", "evaluate", "common", "runtime", "checks")
-    saved = {name: sys.modules.pop(name, None) for name in names}
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["dataset"].update(root=str(tmp_path / "data"), R=32, synthetic={"n_train": 2, "n_val": 8, "size": 32})
     params["evaluate"].update(patch_kmeans_baseline=False, n_pictures=8, batch_size=4)
@@ -93,23 +89,17 @@ def evaluate_module(monkeypatch, tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
     monkeypatch.chdir(project)
-    monkeypatch.setattr(sys, "argv", ["stages/prepare.py"])
-    importlib.import_module("prepare").main()
-    evaluate = importlib.import_module("evaluate")
-    yield project, evaluate
-    for name, mod in saved.items():
-        sys.modules.pop(name, None)
-        if mod is not None:
-            sys.modules[name] = mod
-    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    run_stage_here("prepare")
+    return project
 
 
 def test_predict_names_and_colours_are_the_matched_classes(evaluate_module, monkeypatch, tmp_path):
     """A run where the answer is known: clusters are a known permutation of the classes. evaluate saves exactly
     that permutation (IoU 100); predict then names every cluster after its class and paints it in the colour
     that class has in evaluate's pictures."""
-    project, evaluate = evaluate_module
+    project = evaluate_module
     out = project / "outputs"
     torch.save(build_decoder(6, 192, seed=1).state_dict(), out / "decoder.pt")
     from transfgu.data.images import load_label, load_rgb
@@ -120,8 +110,8 @@ def test_predict_names_and_colours_are_the_matched_classes(evaluate_module, monk
     monkeypatch.setattr(PermutedEvalSegmenter, "LABELS", {
         load_rgb(image, 32).numpy().tobytes(): load_label(data / "labels" / "val" / image.name, 32, lut)
         for image in sorted((data / "images" / "val").glob("*.png"))})
-    monkeypatch.setattr(evaluate, "Segmenter", PermutedEvalSegmenter)
-    evaluate.main(argparse.Namespace(decoder=None, out=None))
+    monkeypatch.setattr(transfgu.segmenter, "Segmenter", PermutedEvalSegmenter)  # what stages/evaluate.py imports
+    run_stage_here("evaluate")
 
     matching = json.loads((out / "cluster_classes.json").read_text())
     assert matching["split"] == "val" and matching["classes"] == NAMES
@@ -165,11 +155,10 @@ def test_predict_names_and_colours_are_the_matched_classes(evaluate_module, monk
     assert len(class_colour) >= 4
 
 
-def test_predict_without_a_matching_calls_the_outputs_clusters(tmp_path, monkeypatch, caplog):
+def test_predict_without_a_matching_calls_the_outputs_clusters(tmp_path, monkeypatch, caplog, capsys):
     decoder = tmp_path / "decoder.pt"
     torch.save(build_decoder(6, 192, seed=1).state_dict(), decoder)
-    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "R": 32},
-              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
+    params = default_params({"dataset": {"R": 32}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     Image.fromarray(np.full((16, 16, 3), (80, 0, 0), dtype=np.uint8)).save(tmp_path / "a.png")
     monkeypatch.setattr(cli, "Segmenter", RedCodeSegmenter)
@@ -183,10 +172,10 @@ def test_predict_without_a_matching_calls_the_outputs_clusters(tmp_path, monkeyp
     # an explicit --classes that is missing, or made for another decoder, is an error
     with pytest.raises(SystemExit) as e:
         cli.main(args + ["--classes", str(tmp_path / "missing.json")])
-    assert e.value.code == 2 and "missing.json not found" in caplog.records[-1].getMessage()
+    assert e.value.code == 2 and "missing.json not found" in capsys.readouterr().err
     other = tmp_path / "other.pt"
     torch.save(build_decoder(6, 192, seed=2).state_dict(), other)
     write_cluster_classes(tmp_path / "m.json", match_clusters(PERM, NAMES), NAMES, decoder=other)
     with pytest.raises(SystemExit) as e:
         cli.main(args + ["--classes", str(tmp_path / "m.json")])
-    assert e.value.code == 2 and "another decoder" in caplog.records[-1].getMessage()
+    assert e.value.code == 2 and "another decoder" in capsys.readouterr().err

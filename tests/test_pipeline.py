@@ -44,6 +44,8 @@ def project(tmp_path_factory):
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
     run(["git", "init", "-q"], root)
     dvc("init", "-q", cwd=root)
+    run(["git", "add", "-A"], root)
+    run(["git", "commit", "-q", "-m", "code"], root)  # as a clone has: dvclive follows a repository with a commit
     out = dvc("repro", cwd=root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "tiny run"], root)

@@ -66,9 +66,10 @@ def test_predict_label_equals_library_prediction(setup_dir):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "a_label.png")), expected)
 
 
-def test_predict_rejects_a_decoder_of_the_wrong_width(setup_dir, caplog):
+def test_predict_rejects_a_decoder_of_the_wrong_width(setup_dir, capsys):
     torch.save(build_decoder(6, 384).state_dict(), setup_dir / "wide.pt")
     with pytest.raises(SystemExit):
         main(["predict", str(setup_dir / "imgs"), "--decoder", str(setup_dir / "wide.pt"),
               "--params", str(setup_dir / "params.yaml"), "--out", str(setup_dir / "o")])
-    assert "wide.pt was trained on a backbone of width 384 (vit_small), but the backbone is vit_mini" in caplog.text
+    assert "wide.pt was trained on a backbone of width 384 (vit_small), but the backbone is vit_mini" in \
+        capsys.readouterr().err

@@ -1,5 +1,5 @@
 """benchmarks/pretrain_gpu.sh: the GPU session's one command. Its --quick path runs end to end on a 2-core CPU in
-about 2.5 minutes (too long for the suite: README, "Pretraining a backbone", has that dry run); here: the script
+about 2.5 minutes (too long for the suite: docs/usage.md, "Pretraining a backbone", has that dry run); here: the script
 parses, refuses bad arguments before doing anything, and keeps the options of `transfgu pretrain` it uses."""
 import os
 import re

@@ -343,11 +343,25 @@ def test_fingerprint_follows_config_inputs_and_code(tmp_path):
     assert tio.file_digest(big, full_limit=2 ** 20) != d
 
 
-def test_stage_params_are_the_params_dvc_yaml_lists():
-    """common.STAGE_PARAMS (what keys the kept work) = each stage's `params` in dvc.yaml."""
-    tree = ast.parse((REPO / "stages" / "common.py").read_text())
-    (table,) = [ast.literal_eval(n.value) for n in tree.body
-                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "STAGE_PARAMS"]
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for stage, keys in table.items():
-        assert sorted(keys) == sorted(stages[stage]["params"]), stage
+def test_the_kept_work_is_keyed_by_the_params_dvc_yaml_lists(monkeypatch):
+    """The key of a stage's kept work (Stage.run_key) changes with the params its dvc.yaml entry lists, and only
+    with them: dvc.yaml is the one list."""
+    from transfgu.config import validate_params
+    from transfgu.stage import Stage, stage_spec
+
+    monkeypatch.chdir(REPO)  # the code deps are paths relative to the project
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def key(**changes):
+        data = yaml.safe_load((REPO / "params.yaml").read_text())
+        for dotted, value in changes.items():
+            section, leaf = dotted.split("__")
+            data[section][leaf] = value
+        return Stage("pseudo", validate_params(data), stage_spec("pseudo")).run_key(precision="fp32")
+
+    assert "pseudo" in stage_spec("pseudo").params and "train" not in stage_spec("pseudo").params
+    assert key() == key() and base["pseudo"]["mass"] != 0.5
+    assert key(pseudo__mass=0.5) != key()            # listed: a new key, the kept work is not reused
+    assert key(dataset__R=32) != key()
+    assert key(train__lr=0.5) == key()               # not listed: the same key
+    assert key(evaluate__n_pictures=1) == key()

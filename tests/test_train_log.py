@@ -1,12 +1,12 @@
-"""What the train stage shows while it runs: dvclive's points (stages/train.py LiveLog) and the epoch log line."""
+"""What the train stage shows while it runs: dvclive's points (transfgu/live.py LiveLog) and the epoch log line."""
 import csv
-import importlib
 import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from transfgu import live
 from transfgu.train import format_epoch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -14,14 +14,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture
 def train_stage(monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "stages"))
-    monkeypatch.delenv("DVC_ROOT", raising=False)  # not under DVC: plain files, no repository lookup
-    saved = {name: sys.modules.pop(name, None) for name in ("train", "common", "runtime")}
-    yield importlib.import_module("train")
-    for name, mod in saved.items():
-        sys.modules.pop(name, None)
-        if mod is not None:
-            sys.modules[name] = mod
+    monkeypatch.delenv("DVC_ROOT", raising=False)  # run by hand, inside this DVC project
+    return live
 
 
 def tsv(path):
@@ -84,3 +78,15 @@ def test_train_stage_without_dvclive_warns_once_and_logs_nothing(train_stage, tm
     assert live.live is None and not (tmp_path / "dvclive").exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "dvclive is not installed" in warnings[0] and "train_log.csv" in warnings[0]
+
+
+def test_live_log_is_off_outside_a_dvc_project(train_stage, tmp_path, monkeypatch, caplog):
+    """Run by hand outside any DVC project, dvclive would `dvc init` the git repository it finds: no live log
+    (one info line), and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO", logger="transfgu"):
+        live = train_stage.LiveLog(tmp_path / "dvclive", steps_per_epoch=3)
+    live.on_step(0, {"loss": 1.0})
+    live.end()
+    assert live.live is None and not (tmp_path / "dvclive").exists() and not (tmp_path / ".dvc").exists()
+    assert any("not inside a DVC project" in r.getMessage() for r in caplog.records)

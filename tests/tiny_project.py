@@ -31,8 +31,7 @@ def predict_files(folder: Path) -> None:
 
     from transfgu.models.decoder import build_decoder
 
-    params = {"seed": 0, "granularity": 6, "dataset": {"name": "synthetic", "root": str(folder / "data"), "R": 32},
-              "backbone": {"arch": "vit_mini", "patch_size": 8, "checkpoint": None}}
+    params = default_params({"dataset": {"root": str(folder / "data"), "R": 32}})
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     torch.save(build_decoder(6, 192, seed=1).state_dict(), folder / "decoder.pt")
 
@@ -64,3 +63,22 @@ def run(args, cwd, check: bool = True, **env) -> subprocess.CompletedProcess:
     if check:
         assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def run_stage_here(name: str, *argv) -> None:
+    """A stage script in this process, as `python stages/<name>.py ARGV` runs it, in the current folder (a project
+    with params.yaml and dvc.yaml). An expected error raises SystemExit(2) after its one line on stderr. The torch
+    state a stage sets for its process (grad mode, deterministic algorithms) is restored."""
+    import runpy
+
+    import torch
+    state = (torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    saved = sys.argv
+    sys.argv = [f"stages/{name}.py", *argv]
+    try:
+        runpy.run_path(str(REPO / "stages" / f"{name}.py"), run_name="__main__")
+    finally:
+        sys.argv = saved
+        torch.set_grad_enabled(state[0])
+        torch.use_deterministic_algorithms(state[1], warn_only=state[2])

@@ -180,7 +180,7 @@ def main(argv=None):
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="fp32 | bf16 | auto = bf16 on a GPU (default: evaluate.precision of params, else auto)")
-    q = sub.add_parser("pretrain", help="pretrain a backbone with DINO on image files (README, \"Pretraining\")",
+    q = sub.add_parser("pretrain", help="pretrain a backbone with DINO on image files (docs/usage.md, \"Pretraining\")",
                        description=pretrain.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pretrain.add_arguments(q)
     args = ap.parse_args(argv)

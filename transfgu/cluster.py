@@ -53,7 +53,7 @@ def resolve_backend(backend: str = "auto") -> str:
     CPU when it is installed, else torch on the CPU."""
     if backend == "faiss" and faiss is None:
         raise InputValueError("cluster.backend is 'faiss' but faiss is not installed: pip install -e '.[cpu]' (or the "
-                         "GPU build matching your torch's CUDA, README 'Installing'), or use cluster.backend: torch")
+                         "GPU build matching your torch's CUDA, docs/usage.md 'Installing'), or use cluster.backend: torch")
     if backend != "auto":
         return backend
     if gpu_available():

@@ -100,7 +100,7 @@ class PseudoConfig(Section):
     batch_size: PosInt
     grad_scale: Union[Literal["auto"], Annotated[float, Field(gt=0)]] = "auto"
     mass: Annotated[float, Field(gt=0, le=1)]
-    precision: Precision = "fp32"  # bf16 changes a few % of the pseudo labels (README, "Precision")
+    precision: Precision = "fp32"  # bf16 changes a few % of the pseudo labels (docs/usage.md, "Precision")
     num_workers: Workers = "auto"
     decode: Decode = "host"
 
@@ -169,7 +169,7 @@ class Params(Section):
                                   f"needed by dataset.name {d.name}")
         if d.name == FOLDER and _data_checked(info) and not Path(d.root).is_dir():
             raise InputFileNotFound(f"{_file(info)}: dataset.root: {d.root} is not a folder (dataset.name folder "
-                                    f"reads <root>/images/train and <root>/images/val; README, 'Your own images')")
+                                    f"reads <root>/images/train and <root>/images/val; docs/usage.md, 'Your own images')")
         return self
 
     @model_validator(mode="after")
@@ -195,7 +195,7 @@ class Params(Section):
     def _checkpoint_exists(self, info: ValidationInfo):
         checkpoint = self.backbone.checkpoint
         if checkpoint and not Path(checkpoint).is_file():
-            raise InputFileNotFound(f"{_file(info)}: backbone.checkpoint: {checkpoint} does not exist (README, "
+            raise InputFileNotFound(f"{_file(info)}: backbone.checkpoint: {checkpoint} does not exist (docs/usage.md, "
                                     f"'Backbone weights'); null = random weights")
         return self
 

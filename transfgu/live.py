@@ -20,8 +20,8 @@ def open_live(directory):
     """A dvclive logger writing to `directory` that leaves dvc.yaml alone (it declares dvclive's files) and saves no
     experiment of its own; it joins `dvc repro` / `dvc exp run` as dvclive does (e.g. for DVC Studio's live
     updates). None, with one line, where it cannot serve: dvclive is not installed (a warning: the stage then
-    trains without the live log), or the stage runs by hand outside a DVC project (dvclive would `dvc init` the
-    git repository it finds)."""
+    trains without the live log), the stage runs by hand outside a DVC project (dvclive would `dvc init` the
+    git repository it finds), or the repository cannot be followed (a git repository without a commit)."""
     try:
         from dvclive import Live
     except ImportError as e:
@@ -36,7 +36,12 @@ def open_live(directory):
         except NotDvcRepoError:
             log.info("not inside a DVC project: no live log in %s (train_log.csv is still written)", directory)
             return None
-    return Live(str(directory), dvcyaml=None, save_dvc_exp=False)
+    try:
+        return Live(str(directory), dvcyaml=None, save_dvc_exp=False)
+    except Exception as e:  # noqa: BLE001 -- scmrepo's errors are not dvclive's (e.g. "Empty git repo")
+        log.warning("dvclive cannot follow this run (%s: %s; a git repository needs a first commit): no live log "
+                    "in %s; train_log.csv is still written", type(e).__name__, e, directory)
+        return None
 
 
 class LiveLog:

@@ -3,7 +3,7 @@
 Every stage that runs a network has a `precision` param: `fp32`, `bf16`, or `auto` (= bf16 on a GPU,
 fp32 on the CPU, where bf16 is fast only on processors with bf16 units). bf16 autocast runs the matmuls
 and convolutions in bfloat16 and keeps softmax, norms and reductions in float32; weights stay float32.
-Which stages may use it, and how far their outputs move, is stated in README ("Precision") and checked in
+Which stages may use it, and how far their outputs move, is stated in docs/usage.md ("Precision") and checked in
 tests/test_precision.py."""
 from __future__ import annotations
 

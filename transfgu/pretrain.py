@@ -1,4 +1,4 @@
-"""`transfgu pretrain`: DINO pretraining of a ViT backbone on image files (not a DVC stage; README, "Pretraining
+"""`transfgu pretrain`: DINO pretraining of a ViT backbone on image files (not a DVC stage; docs/usage.md, "Pretraining
 a backbone on your own images (DINO)").
 
     transfgu pretrain --images data/my_images 'more/*.jpg' --arch vit_mini --patch-size 8 --global-size 64 \
@@ -45,7 +45,7 @@ from .data.images import ImageFiles, collect_images
 from .devices import to_device
 from .dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint
 from .dist import epoch_permutation
-from .errors import BadInput, InputValueError
+from .errors import InputValueError
 from .io import atomic_output, fingerprint
 from .models.archs import ARCHS
 from .models.vit import DinoViT
@@ -320,17 +320,9 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> None:
-    """`python -m transfgu.pretrain ...` (the same as `transfgu pretrain ...`)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [pretrain] %(message)s", datefmt="%H:%M:%S")
-    ap = argparse.ArgumentParser(prog="transfgu pretrain", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
-    args = ap.parse_args(argv)
-    try:
-        run(args)
-    except (BadInput, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        sys.exit(2)
+    """`python -m transfgu.pretrain ...`: the same as `transfgu pretrain ...`."""
+    from .cli import main as cli_main
+    cli_main(["pretrain", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

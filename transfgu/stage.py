@@ -219,7 +219,7 @@ def _setup(name: str) -> Stage:
     dist.init_from_env()
     tag = f"{name} rank {dist.rank()}/{dist.world_size()}" if dist.world_size() > 1 else name
     logging.basicConfig(level=logging.INFO if dist.is_main() else logging.WARNING,
-                        format=f"%(asctime)s [{tag}] %(message)s", datefmt="%H:%M:%S", force=True)
+                        format=f"%(asctime)s [{tag}] %(message)s", datefmt="%H:%M:%S")
     params = load_params()
     stage = Stage(name, params, stage_spec(name))
     if name != "prepare" and "outputs/index.json" in stage.spec.deps and stage.dep("index.json").is_file():

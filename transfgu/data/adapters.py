@@ -13,7 +13,7 @@ COCO_SPLITS = {"train": "train2017", "val": "val2017"}
 
 def _require(path: Path, what: str, section: str) -> Path:
     if not path.exists():
-        raise InputFileNotFound(f"{what} not found: expected {path} (README, 'Data layout' > {section})")
+        raise InputFileNotFound(f"{what} not found: expected {path} (docs/usage.md, 'Data layout' > {section})")
     return path
 
 
@@ -98,7 +98,7 @@ def folder(root: Path, split: str) -> list[dict]:
             seen[p.stem] = p
             label = f"labels/{split}/{p.stem}.png"
             if labelled and not (root / label).is_file():
-                raise InputFileNotFound(f"no label for {p}: expected {root / label} (README, 'Data layout' > "
+                raise InputFileNotFound(f"no label for {p}: expected {root / label} (docs/usage.md, 'Data layout' > "
                                         f"Your own images)")
             entries.append({"id": p.stem, "image": f"images/{split}/{p.name}", "label": label if labelled else None})
     return entries

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import InputValueError
 
-EXPECTED = "expected `classes: [{name: ..., kind: thing|stuff|background}, ...]` (README, 'Your own images')"
+EXPECTED = "expected `classes: [{name: ..., kind: thing|stuff|background}, ...]` (docs/usage.md, 'Your own images')"
 KINDS = ("thing", "stuff", "background")
 
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import default_collate
 
 from ..devices import to_device
-from ..errors import InputValueError
+from ..errors import InputOSError, InputValueError
 from .images import JPEG_EXTENSIONS, decode_resize, load_label, load_rgb, read_bytes
 
 
@@ -46,10 +46,13 @@ class SplitDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         e = self.entries[i]
-        if self.decode == "device":  # only read here; `images_on` decodes the batch where it is used
-            item = {"index": i, "jpeg": read_bytes(self.root / e["image"]), "jpeg_size": self.size}
-        else:
-            item = {"index": i, "image": load_rgb(self.root / e["image"], self.size)}
+        try:
+            if self.decode == "device":  # only read here; `images_on` decodes the batch where it is used
+                item = {"index": i, "jpeg": read_bytes(self.root / e["image"]), "jpeg_size": self.size}
+            else:
+                item = {"index": i, "image": load_rgb(self.root / e["image"], self.size)}
+        except InputOSError as err:  # the split index lists it: prepare can leave such files out
+            raise InputOSError(f"{err}; `dataset.skip_bad: true` makes prepare leave unreadable images out") from err
         if self.lut is not None and e.get("label"):
             item["label"] = load_label(self.root / e["label"], self.size, self.lut)
         if self.maps is not None:

@@ -47,7 +47,7 @@ def list_split(dataset: DatasetConfig, split: str) -> list[dict]:
                         len(set(listed)) - len(entries), len(set(listed)), split, root)
     if not entries:
         raise InputFileNotFound(f"no {split} images found for dataset '{name}' under {root} "
-                                f"(README, 'Data layout')")
+                                f"(docs/usage.md, 'Data layout')")
     return entries
 
 

@@ -56,8 +56,8 @@ class DatasetSpec:
     pseudo_batch: int            # batch of the published pseudo-mask command (the gradient scale is 1 / it)
     classes: object              # granularity -> (class names, label lut)
     lister: object               # (root, split) -> entries
-    section: str                 # README section
-    image_lists: dict = field(default_factory=dict)  # name -> {split: file under data/lists/}, for dataset.image_list
+    section: str                 # its section of docs/usage.md, "Data layout"
+    image_lists: dict = field(default_factory=dict)  # name -> {split: file under transfgu/data/lists/}, for dataset.image_list
 
 
 DATASETS = {
@@ -135,7 +135,7 @@ def _folder_task(dataset: DatasetConfig, granularity: int) -> Task:
                     tuple(names[i] for i in order), lut, tuple(kinds[i] for i in order))
     if (root / "labels").is_dir():
         raise InputValueError(f"{root / 'labels'} exists but {root / 'classes.yaml'} does not: labels need the "
-                              f"class list (README, 'Your own images')")
+                              f"class list (docs/usage.md, 'Your own images')")
     only = dataset.things_only
     n_things = granularity if only else dataset.n_things or 0
     if n_things < 1 or n_things > granularity or (not only and n_things == granularity):

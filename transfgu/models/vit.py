@@ -153,7 +153,7 @@ def load_dino_checkpoint(model: DinoViT, path: str | Path) -> None:
         name = DINO_CHECKPOINTS.get((model.arch, model.patch_size), "the DINO checkpoint for this arch")
         raise InputFileNotFound(
             f"backbone checkpoint not found: {path}. Expected the official DINO weights ({name}), "
-            f"published at {DINO_URL} (see README, 'Backbone weights'); nothing is downloaded at run time.")
+            f"published at {DINO_URL} (see docs/usage.md, 'Backbone weights'); nothing is downloaded at run time.")
     load_strict(model.vit, _unwrap_state_dict(load_tensors(path)),
                 f"{path}: does not match backbone {model.arch}/{model.patch_size}")
 
