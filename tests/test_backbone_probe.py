@@ -10,9 +10,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-import backbone_probe  # noqa: E402
-from transfgu.models.vit import build_backbone  # noqa: E402
+import backbone_probe
+from transfgu.models.vit import build_backbone
 
 N_THING = 6
 

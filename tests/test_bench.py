@@ -84,7 +84,6 @@ def test_quick_benchmark_device_jpeg_decode():
 def test_cluster_baseline_without_faiss_says_so(monkeypatch):
     """On a machine without faiss (the GPU machine without its wheel) the torch k-means line still runs, with no
     baseline time and a `baseline` field that says why."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     import bench
     from transfgu import cluster
     monkeypatch.setattr(cluster, "faiss", None)

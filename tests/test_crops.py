@@ -1,4 +1,3 @@
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -9,8 +8,7 @@ import torch.nn.functional as F
 from transfgu.crops import (THING_STUFF_WINDOW_SIZES, THINGS_ONLY_WINDOW_SIZES, crop_features, crop_windows,
                             cut_crops, select_crops, window_centres, window_fractions, window_pixel_boxes)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from reference import reference_crop_features, reference_cut_crops  # noqa: E402  one crop at a time
+from reference import reference_crop_features, reference_cut_crops  # one crop at a time
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

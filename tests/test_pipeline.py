@@ -222,7 +222,6 @@ def test_evaluate_only_with_a_given_decoder(project):
 def test_real_dataset_layout_through_dvc_exp_run(project, tmp_path):
     """`dvc exp run -S dataset.name=voc -S dataset.root=... -S granularity=21` on a fixture tree in the exact
     Pascal VOC layout runs all six stages (every other pair runs in-process in test_datasets_dag.py)."""
-    sys.path.insert(0, str(Path(__file__).parent))
     from dataset_trees import make_voc
     root, _ = project
     voc = make_voc(tmp_path / "PascalVOC")

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
-import projection  # noqa: E402
+import projection
 
 CARD = "NVIDIA H100 80GB HBM3"
 ROWS = [

@@ -1,12 +1,10 @@
-import sys
 from pathlib import Path
 
 import torch
 
 from transfgu.pseudo import keep_top_mass, pseudo_masks
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from reference import reference_pseudo_masks  # noqa: E402  the original per-concept loop
+from reference import reference_pseudo_masks  # the original per-concept loop
 
 
 def test_batched_pseudo_masks_equal_per_concept_loop(tiny_backbone):
