@@ -67,6 +67,7 @@ def main(stage):
             raise InputValueError(f"{e} (train.lr, train.precision)") from None
     if dist.is_main():
         live.end()
+        stage.out("dvclive").mkdir(parents=True, exist_ok=True)  # a declared out, also when there was no live log
         with atomic_output(decoder_path) as tmp:
             torch.save(best, tmp)
         write_train_log(log_path, history)

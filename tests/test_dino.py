@@ -311,12 +311,15 @@ def test_pretrain_compile_flag(tmp_path):
 
 
 @pytest.mark.slow  # spawns processes (see the module's run helpers)
-def test_stages_pretrain_is_the_same_command(tmp_path):
+def test_python_m_transfgu_pretrain_is_the_same_command(tmp_path):
     folder = image_folder(tmp_path, n=4)
     proc = run_pretrain(["--images", str(folder), *TINY, "--steps", "1", "--out", str(tmp_path / "d.pth")], tmp_path,
-                        entry=(str(REPO / "stages" / "pretrain.py"),))
+                        entry=("-m", "transfgu.pretrain"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "d_teacher.pth").is_file()
+    proc = run_pretrain(["--images", str(tmp_path / "nowhere")], tmp_path, entry=("-m", "transfgu.pretrain"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in proc.stderr
 
 
 def test_clip_each_equals_clip_grad_norm_per_parameter():
