@@ -101,8 +101,8 @@ def write_scores(out: Path, s: dict, names: list) -> None:
 def main(stage, args):
     task, cfg, R = stage.params.task, stage.config, stage.params.dataset.R
     decoder_path = args.decoder or stage.dep("decoder.pt")
-    out = args.out or (Path("outputs") / "published" / decoder_path.stem if args.decoder else
-                       stage.out("metrics.json").parent)
+    outputs = stage.out("metrics.json").parent
+    out = args.out or (outputs / "published" / decoder_path.stem if args.decoder else outputs)
     backbone, precision = stage.backbone(), stage.precision()
     index = stage.index
     if not decoder_path.is_file():
