@@ -45,9 +45,9 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def predict_split(stage, segmenter, data, pieces, n_pictures, labelled, entries):
+def predict_split(stage, segmenter, precision, data, pieces, n_pictures, labelled, entries):
     """Every batch of the val split: its prediction PNGs, confusion counts and the pictures' data, in pieces."""
-    task, precision, dev = stage.params.task, stage.precision(), stage.device
+    task, dev = stage.params.task, stage.device
     n_classes = len(task.class_names)
     predictions_dir = pieces.dir / "predictions"  # every rank writes its images' predictions there
     predictions_dir.mkdir(exist_ok=True)
@@ -119,8 +119,8 @@ def main(stage, args):
     key = stage.run_key([stage.dep("index.json"), decoder_path], precision=precision, device=stage.device.type)
     pieces = stage.pieces(out / "predictions", data, cfg.batch_size, key)
     with stage.timed():
-        predictions_dir = predict_split(stage, Segmenter(backbone, decoder), data, pieces, cfg.n_pictures, labelled,
-                                        entries)
+        predictions_dir = predict_split(stage, Segmenter(backbone, decoder), precision, data, pieces,
+                                        cfg.n_pictures, labelled, entries)
     if not dist.is_main():
         return
     names_kept = ["confusion", "kept_index", "kept_image", "kept_pred"] + (["kept_label"] if labelled else [])

@@ -3,7 +3,6 @@ transfgu/faults.py) at seeded random points, twice, then re-run: the artifacts a
 uninterrupted run, also when the re-run has another number of processes; nothing is left behind after success;
 work kept by a run with other params is removed, not reused. Also: a non-finite loss stops training at once,
 and the fingerprint that keys the kept work."""
-import ast
 import csv
 import io
 import json

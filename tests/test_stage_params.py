@@ -48,6 +48,8 @@ def test_stage_spec_is_dvc_yaml():
     assert "granularity" in spec.params and "pseudo" in spec.params and "train" not in spec.params
     assert spec.path("centroids.npz") == Path("outputs/centroids.npz")
     assert spec.path("pseudo_masks.h5") == Path("outputs/pseudo_masks.h5")
+    assert spec.reads("index.json") and not spec.reads("pseudo_masks.h5")  # an out, not a dep
+    assert not stage_spec("prepare", REPO / "dvc.yaml").reads("index.json")
     assert ("stages/pseudo.py", Path("stages/pseudo.py")) in spec.code
     assert all(name.endswith(".py") for name, _ in spec.code)
     with pytest.raises(KeyError, match="declares no dep or out named decoder.pt"):

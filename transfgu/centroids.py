@@ -16,7 +16,7 @@ def write_centroids(path: str | Path, centroids: np.ndarray, n_things: int, n_st
         np.savez(f, centroids=centroids, n_things=n_things, n_stuff=n_stuff)
 
 
-def read_centroids(path: str | Path, n_things: int, n_stuff: int, granularity: str | None = None) -> np.ndarray:
+def read_centroids(path: str | Path, n_things: int, n_stuff: int, granularity: int | None = None) -> np.ndarray:
     """The (n_things + n_stuff, D) centroids of `path`, checked to hold that many things and stuff concepts
     (`granularity`: the task's, named in the error)."""
     path = Path(path)

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as td
 
 
-
 def world_size() -> int:
     return td.get_world_size() if td.is_initialized() else 1
 

@@ -52,6 +52,10 @@ class StageSpec:
     deps: tuple
     outs: tuple = field(default=())
 
+    def reads(self, name: str) -> bool:
+        """Whether a dep of this stage has the file name `name`."""
+        return any(Path(p).name == name for p in self.deps)
+
     def path(self, name: str) -> Path:
         """The dep or out of this stage whose file name is `name` (e.g. 'feature_bank.h5')."""
         for p in (*self.outs, *self.deps):
@@ -221,7 +225,7 @@ def _setup(name: str) -> Stage:
                         format=f"%(asctime)s [{tag}] %(message)s", datefmt="%H:%M:%S")
     params = load_params()
     stage = Stage(name, params, stage_spec(name))
-    if name != "prepare" and "outputs/index.json" in stage.spec.deps and stage.dep("index.json").is_file():
+    if stage.spec.reads("index.json") and stage.dep("index.json").is_file():  # not prepare: it writes the index
         params.check_index(stage.index, dist.world_size())
     random.seed(params.seed)
     np.random.seed(params.seed)
