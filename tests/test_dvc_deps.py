@@ -1,15 +1,19 @@
 """dvc.yaml lists exactly the code each stage runs: its script (the stage command) and every
 module of the project they import, directly or not. A missing file would let DVC serve a stale result after a
 change there; an extra one re-runs a stage for nothing. The import closure is computed from the source (ast),
-not by importing."""
+not by importing.
+
+`python tests/test_dvc_deps.py` rewrites dvc.yaml's code deps of every stage to its import closure (data deps and
+comments are kept)."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("prepare", "extract", "cluster", "pseudo", "train", "evaluate")
+STAGES = tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])
 CODE_ROOTS = ("stages", "transfgu")
 
 
@@ -123,3 +127,31 @@ def test_closure_follows_relative_package_and_lazy_imports(tmp_path):
             "transfgu/models/__init__.py", "transfgu/stage.py"} <= evaluate
     assert "transfgu/data/synthetic.py" in stage_code("cluster")
     assert "transfgu/train.py" not in evaluate and "transfgu/dino.py" not in evaluate
+
+
+def write_deps(path: Path = REPO / "dvc.yaml") -> None:
+    """Rewrite each stage's code deps (stages/, transfgu/ .py files) to its import closure, in place."""
+    lines, out, stage, i = path.read_text().splitlines(keepends=True), [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        m = re.match(r"^  (\w+):\s*$", line)
+        if m:
+            stage = m.group(1)
+        if line.strip() == "deps:" and stage in STAGES:
+            out.append(line)
+            i += 1
+            data = []
+            while i < len(lines) and lines[i].startswith("      - "):
+                dep = lines[i].strip()[2:]
+                if Path(dep).parts[0] not in CODE_ROOTS or not dep.endswith(".py"):
+                    data.append(lines[i])
+                i += 1
+            out += [f"      - {c}\n" for c in sorted(stage_code(stage))] + data
+            continue
+        out.append(line)
+        i += 1
+    path.write_text("".join(out))
+
+
+if __name__ == "__main__":
+    write_deps()
