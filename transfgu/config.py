@@ -18,9 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 from pydantic.fields import FieldInfo
 
-from .choices import BACKENDS, DECODES, PRECISIONS
+from .choices import BACKENDS, DECODES, LAUNCHERS, PRECISIONS
 from .data.tasks import DATASETS, FOLDER, Task, dataset_is_things_only, resolve_task
 from .errors import BadInput, InputFileNotFound, InputValueError
+from .launch import plan
 from .models.archs import ARCHS
 
 DATASET_NAMES = (*DATASETS, FOLDER)
@@ -130,10 +131,11 @@ class EvaluateConfig(Section):
 
 
 class LauncherConfig(Section):
-    nproc_per_node: PosInt = 1
+    nproc_per_node: Union[Literal["auto"], PosInt] = 1  # auto: one process per GPU of the node (transfgu/launch.py)
     nnodes: PosInt = 1
     rdzv_endpoint: Text = "localhost:29400"
     rdzv_id: Text = "transfgu"
+    backend: Literal[LAUNCHERS] = "auto"  # auto: slurm inside a Slurm allocation of several nodes, else local
 
 
 def _file(info: ValidationInfo) -> str:
@@ -229,10 +231,10 @@ class Params(Section):
         if batch > n_train:
             raise InputValueError(f"{self.path}: train.batch_size {batch} is larger than the {n_train} train "
                                   f"images: use at most {n_train}")
-        world = max(world_size, self.launcher.nproc_per_node * self.launcher.nnodes)
+        world = max(world_size, plan(self.launcher).world)
         if batch % world:
             raise InputValueError(f"{self.path}: train.batch_size {batch} is not divisible by the {world} processes "
-                                  f"(launcher.nproc_per_node x nnodes)")
+                                  f"(launcher.nproc_per_node x nodes)")
 
 
 # -- messages ---------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ transfgu.config) and the stage's files (`stage.dep(...)`, `stage.out(...)`), cal
 outs. `run_stage` does the rest:
 - under `launcher.nproc_per_node x nnodes > 1`, a distributed stage re-starts itself under torchrun (one node:
   `--standalone`; several: the c10d rendezvous at launcher.rdzv_endpoint, the same command on every node);
+  inside a Slurm allocation of several nodes (launcher.backend), under srun: a torchrun agent on every node;
 - joins the process group, configures logging, reads and checks params.yaml once (and the split index against
   it), seeds everything;
 - ends any expected error (transfgu.errors.BadInput, a failed write for the disk's sake) with one line and exit
@@ -32,7 +33,7 @@ import torch
 import yaml
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import dist, faults
+from . import dist, faults, launch
 from .config import Params, load_params
 from .errors import BadInput, InputFileNotFound
 from .io import disk_error, fingerprint, is_disk_error, read_json
@@ -111,24 +112,16 @@ def one_line_errors(interrupted: str = "nothing that looks finished was written"
 
 # -- launching under torchrun --------------------------------------------------------------------------------------
 def torchrun_command(script: str, params: Params, argv=()) -> list | None:
-    """The torchrun command that runs `script` in launcher.nproc_per_node x nnodes processes, or None for one."""
-    launcher = params.launcher
-    if launcher.nproc_per_node * launcher.nnodes == 1:
-        return None
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={launcher.nproc_per_node}",
-           "--max_restarts=0"]
-    if launcher.nnodes == 1:
-        cmd.append("--standalone")
-    else:
-        cmd += [f"--nnodes={launcher.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={launcher.rdzv_endpoint}",
-                f"--rdzv_id={launcher.rdzv_id}"]
-    return cmd + [script, *argv]
+    """The command that runs `script` in launcher.nproc_per_node x nodes processes (torchrun here, or srun +
+    torchrun on every node of a Slurm allocation: transfgu/launch.py), or None for one."""
+    return launch.command(params.launcher, script, argv)
 
 
 def _run_torchrun(cmd: list) -> int:
     """Run torchrun; a rank's one-line error is repeated after torchrun's own report, Ctrl-C waits for the ranks
     to stop."""
-    with tempfile.TemporaryDirectory() as tmp:
+    # under srun, ranks on other nodes write the error file: a folder of the project (a shared filesystem)
+    with tempfile.TemporaryDirectory(prefix=".transfgu-", dir=os.getcwd() if cmd[0] == "srun" else None) as tmp:
         error_file = Path(tmp) / "error"
         proc = subprocess.Popen(cmd, env=dict(os.environ, **{ERROR_FILE_ENV: str(error_file)}))
         try:
