@@ -3,9 +3,11 @@
 - local: torchrun on this machine (`launcher.nproc_per_node` processes; with `launcher.nnodes` > 1 the c10d
   rendezvous at `launcher.rdzv_endpoint`, the same command started by hand on every machine).
 - slurm: inside a Slurm allocation (`sbatch` / `salloc`), from the first node: one `srun` task per node of the
-  allocation, each a torchrun agent; the c10d rendezvous on the first node, the node rank from Slurm
-  (SLURM_PROCID: with one task per node, the node's index), `launcher.nproc_per_node` processes per node
+  allocation, each a torchrun agent; the node rank from Slurm (SLURM_PROCID: with one task per node, the node's
+  index), the rendezvous on the first node (node rank 0), `launcher.nproc_per_node` processes per node
   (`auto`: the GPUs Slurm gave). `srun --kill-on-bad-exit=1`: a rank that fails on any node ends the step.
+  The rendezvous is torchrun's `static` one: its c10d rendezvous ignores --node_rank and ranks the nodes by
+  host name and process id, while the static one gives node rank r to srun's task r.
 - auto (default): slurm inside an allocation of more than one node (SLURM_JOB_ID set, SLURM_JOB_NUM_NODES > 1),
   else local. Outside Slurm, auto is local.
 
@@ -98,7 +100,7 @@ def _free_port() -> int:
 
 
 def rendezvous(env=os.environ, cwd: str | None = None) -> str:
-    """host:port of the c10d rendezvous under Slurm. Host: TRANSFGU_RDZV_HOST, else the allocation's first node.
+    """host:port of the rendezvous under Slurm. Host: TRANSFGU_RDZV_HOST, else the allocation's first node.
     Port: a free one when this process runs on that host (`dvc repro` in an sbatch script runs on the first
     node), else one derived from the job id and the project folder (another experiment, in another folder or
     another job, gets another port)."""
@@ -126,13 +128,15 @@ def local_command(plan_: Plan, launcher, script: str, argv=()) -> list:
 
 def slurm_command(plan_: Plan, script: str, argv=(), env=os.environ) -> list:
     """srun: one task per node (per task with TRANSFGU_SLURM_TASKS_AS_NODES), each a torchrun agent of
-    nproc_per_node processes, node rank SLURM_PROCID, rendezvous on the first node."""
+    nproc_per_node processes, node rank SLURM_PROCID, the static rendezvous on the first node (node rank 0)."""
     n = plan_.nodes
     placement = ([f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1"] if not env.get(TASKS_AS_NODES_ENV)
                  else ["--nodes=1", f"--ntasks={n}"])
-    return ["srun", "--kill-on-bad-exit=1", *placement, "bash", "-c", AGENT, sys.executable,
+    # --cpu-bind=none: an agent's processes (and their DataLoader workers) may use every CPU the job has on the
+    # node; a step asking for no GPUs gets all the job's GPUs (man srun, --gres)
+    return ["srun", "--kill-on-bad-exit=1", "--cpu-bind=none", *placement, "bash", "-c", AGENT, sys.executable,
             f"--nnodes={n}", f"--nproc_per_node={plan_.nproc_per_node}", "--max_restarts=0",
-            "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous(env)}", f"--rdzv_id={env.get('SLURM_JOB_ID')}",
+            "--rdzv_backend=static", f"--rdzv_endpoint={rendezvous(env)}", f"--rdzv_id={env.get('SLURM_JOB_ID')}",
             script, *argv]
 
 
