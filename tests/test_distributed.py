@@ -243,3 +243,18 @@ def test_a_failing_rank_under_slurm_ends_the_stage_with_its_error(slurm, slurm_r
     assert last.startswith("error: cannot read image") and entries[4]["image"].split("/")[-1] in last, \
         proc.stderr[-3000:]
     assert not list(root.glob(".transfgu-*")), "the error file's folder was left"
+
+
+def test_the_example_batch_script_runs_dvc_in_the_allocation(slurm, tmp_path):
+    """slurm/transfgu.sbatch under sbatch, its #SBATCH lines overridden to fit the one-host cluster (no GPUs):
+    it runs `dvc ARGS` in the job (here `dvc version`)."""
+    shutil.copy(REPO / "slurm" / "transfgu.sbatch", tmp_path)
+    env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run(["sbatch", "--wait", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1",
+                           "--gpus-per-node=0", "--output=job.out", "transfgu.sbatch", "version"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").is_file() else ""
+    assert proc.returncode == 0, proc.stderr + out
+    assert re.match(r"job \d+: 1 node\(s\) \(\S+\); dvc version\n", out), out
+    assert "DVC version: " in out
