@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-CLIENTS = ("salloc", "srun", "sinfo", "scontrol", "scancel")
+CLIENTS = ("salloc", "sbatch", "srun", "sinfo", "scontrol", "scancel")
 
 
 class Unavailable(Exception):
