@@ -302,3 +302,40 @@ def test_published_sizes_load_and_equal_timm(tmp_path, arch, make):
     torch.testing.assert_close(tokens, ref_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(attn_cls, A[:, :, 0], atol=1e-5, rtol=0)
     assert math.isclose(attn_cls.sum(-1).mean().item(), 1.0, rel_tol=1e-5)
+
+
+# -- the DAG -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, R", [("vit_mini_reg4_dinov2", 56), ("vit_mini_dinov3", 64)])
+def test_pipeline_runs_on_the_new_backbones(tmp_path, monkeypatch, arch, R):
+    """The six stages in-process on a small synthetic set with a random DINOv2-with-registers / DINOv3 backbone,
+    as `dvc exp run -S backbone.arch=... -S backbone.patch_size=null -S dataset.R=...` runs them."""
+    import json
+    import shutil
+
+    import h5py
+    import yaml
+
+    from tiny_project import REPO, default_params, run_stage_here
+
+    monkeypatch.delenv("TRANSFGU_PARAMS", raising=False)
+    params = default_params({
+        "dataset": {"root": str(tmp_path / "data"), "R": R, "synthetic": {"n_train": 8, "n_val": 4, "size": 2 * R}},
+        "backbone": {"arch": arch, "patch_size": None, "checkpoint": None},
+        "extract": {"batch_size": 4, "crop_batch": 64}, "cluster": {"niter": 10}, "pseudo": {"batch_size": 4},
+        "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
+        "evaluate": {"batch_size": 4, "n_pictures": 1}})
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    monkeypatch.chdir(project)
+    for stage in ("prepare", "extract", "cluster", "pseudo", "train", "evaluate"):
+        run_stage_here(stage)
+    out = project / "outputs"
+    p = ARCHS[arch].patch_size
+    with h5py.File(out / "feature_bank.h5", "r") as h5:
+        assert h5.attrs["patch_size"] == p and h5["thing/features"].shape[1] == 192
+    with h5py.File(out / "pseudo_masks.h5", "r") as h5:
+        assert h5["gradient"].shape[1:] == (6, R // p, R // p)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["miou"] <= 100
