@@ -124,9 +124,11 @@ def test_official_file_loads_strictly_and_forward_equals_timm(tmp_path, arch, si
 @pytest.mark.parametrize("arch", ["t_dinov2", "t_reg4_dinov2"])
 def test_dinov2_positions_resampled_as_the_official_code(tmp_path, arch):
     """Off the 37 x 37 grid the position embedding is resampled as facebookresearch/dinov2's
-    interpolate_pos_encoding does (interpolate_offset 0.1, interpolate_antialias False: bicubic with scale factor
-    (grid + 0.1) / 37, [CLS] position untouched), written here from that code; timm's dynamic_img_size resampling
-    (antialiased, exact size) gives other positions."""
+    interpolate_pos_encoding does with its hub models' settings, written here from that code: without registers
+    interpolate_offset 0.1, interpolate_antialias False (bicubic, scale factor (grid + 0.1) / 37); with registers
+    (dinov2_vits14_reg ...) interpolate_offset 0, interpolate_antialias True (bicubic to the size, antialiased);
+    [CLS] position untouched. timm's dynamic_img_size resampling is the second everywhere: equal for the register
+    models, other positions for the plain ones."""
     path, sd = official_file(tmp_path, arch)
     model = build_backbone(arch, None, path)
     x = torch.randn(1, 3, 14 * 6, 14 * 5, generator=torch.Generator().manual_seed(2))
@@ -136,8 +138,12 @@ def test_dinov2_positions_resampled_as_the_official_code(tmp_path, arch):
     patches = patches.flatten(2).transpose(1, 2)
     pos = sd["pos_embed"]
     grid = pos[:, 1:].reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((6 + 0.1) / 37, (5 + 0.1) / 37), mode="bicubic", antialias=False)
-    official = torch.cat([sd["cls_token"] + pos[:, :1], *([sd["register_tokens"]] if "register_tokens" in sd else []),
+    registers = "register_tokens" in sd
+    if registers:
+        grid = F.interpolate(grid, size=(6, 5), mode="bicubic", antialias=True)
+    else:
+        grid = F.interpolate(grid, scale_factor=((6 + 0.1) / 37, (5 + 0.1) / 37), mode="bicubic", antialias=False)
+    official = torch.cat([sd["cls_token"] + pos[:, :1], *([sd["register_tokens"]] if registers else []),
                           patches + grid.flatten(2).transpose(1, 2)], 1)
     torch.testing.assert_close(t, official, atol=1e-5, rtol=0)
     dynamic = timm.create_model(TINY[arch][0], pretrained=False, num_classes=0, dynamic_img_size=True, **SMALL)
@@ -145,7 +151,10 @@ def test_dinov2_positions_resampled_as_the_official_code(tmp_path, arch):
     dynamic.load_state_dict(checkpoint_filter_fn(torch.load(path, weights_only=True), dynamic), strict=True)
     with torch.no_grad():
         timm_tokens = dynamic.norm_pre(dynamic._pos_embed(dynamic.patch_embed(x)))
-    assert (timm_tokens - t).abs().max() > 1e-2
+    if registers:
+        torch.testing.assert_close(timm_tokens, t, atol=1e-5, rtol=0)
+    else:
+        assert (timm_tokens - t).abs().max() > 1e-2
 
 
 # -- the method with registers ----------------------------------------------------------------------------------

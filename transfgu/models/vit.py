@@ -12,10 +12,12 @@ reads leaves the registers out: `forward` gives [CLS] + patch tokens, `cls_atten
 patch columns only.
 
 Positions: DINO and DINOv2 add a learnt embedding made for one grid (DINO 14 x 14 at 224 px, DINOv2 37 x 37 at
-518 px), resampled to other grids as their official code does (`interpolate_pos_embed`: bicubic, scale factor
-(grid + 0.1) / n, no antialias; DINOv2's hub models use exactly these settings, `interpolate_offset=0.1`,
-`interpolate_antialias=False`). timm's own `dynamic_img_size` resampling differs (antialiased, to the exact size),
-so it is not used. DINOv3 has no learnt embedding: RoPE on the patch grid, from timm's `RotaryEmbeddingDinoV3`.
+518 px), resampled to other grids as their official code does (`interpolate_pos_embed`): DINO and the DINOv2 hub
+models without registers bicubic with scale factor (grid + 0.1) / n, no antialias (`interpolate_offset=0.1`,
+`interpolate_antialias=False`); the DINOv2 hub models with registers bicubic to the size, antialiased
+(`interpolate_offset=0.0`, `interpolate_antialias=True`). timm's own `dynamic_img_size` resampling is the latter
+for every model, so it is not used. DINOv3 has no learnt embedding: RoPE on the patch grid, from timm's
+`RotaryEmbeddingDinoV3`.
 """
 from __future__ import annotations
 
@@ -47,18 +49,21 @@ DINO_CHECKPOINTS = {
 DINO_URL = "https://dl.fbaipublicfiles.com/dino/"
 
 
-def interpolate_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int, prefix: int = 1) -> torch.Tensor:
-    """Resample a (1, prefix + n*n, D) positional embedding to a rows x cols patch grid exactly as DINO and DINOv2
-    do: bicubic, scale factor (grid + 0.1) / n per axis, align_corners=False, no antialias; the first `prefix`
-    entries (the [CLS] position; 0 for timm's DINOv2-with-registers layout, which has none) unchanged."""
+def interpolate_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int, prefix: int = 1, offset: float = 0.1,
+                          antialias: bool = False) -> torch.Tensor:
+    """Resample a (1, prefix + n*n, D) positional embedding to a rows x cols patch grid as DINO and DINOv2 do:
+    bicubic, align_corners=False, with scale factor (grid + offset) / n per axis (DINO, DINOv2 without registers:
+    offset 0.1, no antialias), or to the size itself when offset is 0 (DINOv2 with registers: antialias); the
+    first `prefix` entries (the [CLS] position; 0 for timm's DINOv2-with-registers layout, which has none)
+    unchanged."""
     n = int(math.sqrt(pos_embed.shape[1] - prefix))
     if rows == n and cols == n:
         return pos_embed
     cls_pos, patch_pos = pos_embed[:, :prefix], pos_embed[:, prefix:]
     dim = pos_embed.shape[-1]
     grid = patch_pos.reshape(1, n, n, dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, scale_factor=((rows + 0.1) / n, (cols + 0.1) / n), mode="bicubic",
-                         align_corners=False)
+    where = dict(scale_factor=((rows + offset) / n, (cols + offset) / n)) if offset else dict(size=(rows, cols))
+    grid = F.interpolate(grid, mode="bicubic", align_corners=False, antialias=antialias, **where)
     assert grid.shape[-2:] == (rows, cols), (grid.shape, rows, cols)
     return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)], dim=1)
 
@@ -117,7 +122,9 @@ class DinoViT(nn.Module):
         if self.family == DINOV3:
             return torch.cat([*prefix, patches], dim=1)
         if vit.no_embed_class:  # timm's DINOv2-with-registers layout: the [CLS] position is in cls_token
-            return torch.cat([*prefix, patches + interpolate_pos_embed(vit.pos_embed, rows, cols, prefix=0)], dim=1)
+            # the register models' hub settings: interpolate_offset 0 (to the size), interpolate_antialias True
+            pos = interpolate_pos_embed(vit.pos_embed, rows, cols, prefix=0, offset=0, antialias=True)
+            return torch.cat([*prefix, patches + pos], dim=1)
         tok = torch.cat([prefix[0], patches], dim=1) + interpolate_pos_embed(vit.pos_embed, rows, cols)
         return torch.cat([tok[:, :1], *prefix[1:], tok[:, 1:]], dim=1)
 
