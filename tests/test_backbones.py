@@ -56,7 +56,8 @@ def official_file(tmp_path, arch: str, seed: int = 0, **kw):
 
 
 def timm_reference(arch: str, path, **overrides):
-    """timm's own model of that name (SMALL size for the test archs), the file loaded through timm's checkpoint filter, strict."""
+    """timm's own model of that name (SMALL size for the test archs), the file loaded through timm's checkpoint
+    filter, strict."""
     timm_name, family = ARCHS[arch].timm_name, ARCHS[arch].family
     if arch in TINY:
         overrides = {**SMALL, **overrides}
