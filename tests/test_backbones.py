@@ -349,3 +349,27 @@ def test_pipeline_runs_on_the_new_backbones(tmp_path, monkeypatch, arch, R):
         assert h5["gradient"].shape[1:] == (6, R // p, R // p)
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0 <= metrics["miou"] <= 100
+
+
+def test_predict_takes_the_arch_own_patch(tmp_path):
+    """`transfgu predict --arch vit_mini_dinov3` with a params.yaml of a patch-8 DINO backbone: the DINOv3 arch's
+    16-pixel patches (params' patch_size is DINO's), the labels equal the Segmenter's on that backbone."""
+    import numpy as np
+    from PIL import Image
+
+    from tiny_project import predict_files
+    from transfgu.cli import main
+    from transfgu.data.images import load_rgb
+
+    predict_files(tmp_path)  # params.yaml: vit_mini / 8, R = 32; decoder.pt: 6 classes of width 192
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    main(["predict", str(tmp_path / "a.png"), "--decoder", str(tmp_path / "decoder.pt"), "--params",
+          str(tmp_path / "params.yaml"), "--arch", "vit_mini_dinov3", "--out", str(tmp_path / "out")])
+    backbone = build_backbone("vit_mini_dinov3", None, None, seed=0)
+    decoder = build_decoder(6, 192)
+    decoder.load_state_dict(torch.load(tmp_path / "decoder.pt", weights_only=True))
+    x = load_rgb(tmp_path / "a.png", 32)[None].float() / 255
+    with torch.no_grad():
+        logits, _ = decoder.eval()(backbone(backbone.normalize(x))[:, 1:], (2, 2))
+    expected = F.interpolate(logits, size=(40, 56), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / "a_label.png")), expected)
