@@ -12,25 +12,40 @@ from transfgu.crops import select_crops
 
 def reference_concept_gradients(backbone, images, centroids):
     """The original per-concept loop: the full last-block attention matrix A, one backward per concept of the
-    batch-mean loss 1 - cos(z, c). Returns the [CLS] attention to the patches averaged over heads (B, N - 1)
-    and each concept's gradient dL/dA on the [CLS] row, averaged over heads (B, K, N - 1)."""
+    batch-mean loss 1 - cos(z, c). Returns the [CLS] attention to the patches averaged over heads (B, hw) and each
+    concept's gradient dL/dA on the [CLS] row, patch columns, averaged over heads (B, K, hw).
+
+    A is the matrix timm's own last block computes (its unfused attention path): a forward hook on the block's
+    attention dropout swaps in a copy of A that requires grad, and the rest of timm's block and final norm give z.
+    Register / storage tokens (DINOv2 with registers, DINOv3) are in A; their columns are left out of the maps."""
     vit = backbone.vit
-    t = backbone.tokens(images)
+    H, W = images.shape[-2:]
+    grid = (H // backbone.patch_size, W // backbone.patch_size)
+    t, rope = backbone.tokens(images), backbone.rope(grid)
+    run = (lambda blk, t: blk(t)) if rope is None else (lambda blk, t: blk(t, rope=rope))  # noqa: E731
     for blk in vit.blocks[:-1]:
-        t = blk(t)
+        t = run(blk, t)
     blk = vit.blocks[-1]
-    B, N, D = t.shape
-    heads = backbone.num_heads
-    q, k, v = blk.attn.qkv(blk.norm1(t)).reshape(B, N, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
-    A = ((q * (D // heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1).detach().requires_grad_(True)
-    t = t + blk.attn.proj((A @ v).transpose(1, 2).reshape(B, N, D))
-    z = vit.norm(t + blk.mlp(blk.norm2(t)))[:, 0]
+    captured = {}
+
+    def swap(module, inputs, output):
+        captured["A"] = output.detach().requires_grad_(True)
+        return captured["A"]
+
+    fused, blk.attn.fused_attn = blk.attn.fused_attn, False
+    hook = blk.attn.attn_drop.register_forward_hook(swap)
+    try:
+        z = vit.norm(run(blk, t))[:, 0]
+    finally:
+        hook.remove()
+        blk.attn.fused_attn = fused
+    A, n = captured["A"], backbone.num_prefix_tokens
     grads = []
     for c in centroids:
         A.grad = None
         (1 - F.cosine_similarity(z, c[None], dim=1)).mean().backward(retain_graph=True)
-        grads.append(A.grad[:, :, 0, 1:].mean(1))
-    return A[:, :, 0, 1:].mean(1).detach(), torch.stack(grads, 1)
+        grads.append(A.grad[:, :, 0, n:].mean(1))
+    return A[:, :, 0, n:].mean(1).detach(), torch.stack(grads, 1)
 
 
 def reference_pseudo_masks(backbone, images, centroids, mass=0.8):

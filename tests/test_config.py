@@ -75,7 +75,17 @@ def test_the_default_params_pass_with_the_defaults_of_the_code():
     ({"dataset__image_list": "curated"}, r"dataset.image_list: 'curated' is not a list set shipped for dataset "
                                          r"'synthetic'"),
     ({"dataset__synthetic": DELETE}, r"missing section dataset.synthetic \(keys: n_train, n_val, size\), needed"),
-    ({"dataset__R": 60}, r"^params.yaml: dataset.R: expected a multiple of backbone.patch_size 8, got 60$"),
+    ({"dataset__R": 60}, r"^params.yaml: dataset.R: expected a multiple of the patch size 8 \(vit_mini\), e.g. 56 "
+                         r"or 64, got 60$"),
+    ({"backbone__arch": "vit_small_patch14_reg4_dinov2"},
+     r"^params.yaml: backbone.patch_size: vit_small_patch14_reg4_dinov2 has 14-pixel patches, got 8: set "
+     r"backbone.patch_size to 14 or null$"),
+    ({"backbone__arch": "vit_small", "backbone__patch_size": None},
+     r"^params.yaml: backbone.patch_size: vit_small \(DINO\) has 8- or 16-pixel patches, set 8 or 16, got None$"),
+    ({"backbone__arch": "dinov2_vits14", "backbone__patch_size": None},
+     r"^params.yaml: dataset.R: expected a multiple of the patch size 14 \(dinov2_vits14\), e.g. 56 or 70, got 64$"),
+    ({"backbone__arch": "vit_small_patch16_dinov3", "backbone__patch_size": 14},
+     r"backbone.patch_size: vit_small_patch16_dinov3 has 16-pixel patches, got 14"),
     ({"granularity": 7}, r"^params.yaml: granularity: 7 is not valid for dataset 'synthetic'"),
     ({"train__num_workers": -1}, r"train.num_workers: expected one of auto or an integer >= 0, got -1"),
     ({"extract__window_sizes": []}, r"extract.window_sizes: expected one of auto or a non-empty list of numbers "

@@ -234,7 +234,7 @@ def test_predict_with_a_decoder_of_another_backbone_is_one_line(predict_dir, cap
         predict(predict_dir, "--arch", "vit_small")
     assert e.value.code == 2
     assert error_line(capsys) == (f"error: {predict_dir / 'decoder.pt'} was trained on a backbone of width 192 (vit_mini, "
-                                   f"vit_tiny), but the backbone is vit_small of width 384: pass --arch (and "
+                                   f"vit_mini_dinov2, vit_mini_dinov3, vit_mini_reg4_dinov2, vit_tiny), but the backbone is vit_small of width 384: pass --arch (and "
                                    f"--checkpoint) of the backbone it was trained with, or its params.yaml")
     assert not (predict_dir / "out").exists()
 

@@ -71,5 +71,6 @@ def test_predict_rejects_a_decoder_of_the_wrong_width(setup_dir, capsys):
     with pytest.raises(SystemExit):
         main(["predict", str(setup_dir / "imgs"), "--decoder", str(setup_dir / "wide.pt"),
               "--params", str(setup_dir / "params.yaml"), "--out", str(setup_dir / "o")])
-    assert "wide.pt was trained on a backbone of width 384 (vit_small), but the backbone is vit_mini" in \
-        capsys.readouterr().err
+    assert ("wide.pt was trained on a backbone of width 384 (vit_small, vit_small_patch14_dinov2, "
+            "vit_small_patch14_reg4_dinov2, vit_small_patch16_dinov3, vit_small_patch16_dinov3_qkvb), but the backbone "
+            "is vit_mini") in capsys.readouterr().err

@@ -27,7 +27,7 @@ from .data.images import ImageFiles, collect_images, to_rgb, unreadable
 from .config import load_params
 from .errors import InputFileNotFound, InputValueError
 from .matching import ClusterNames, read_cluster_classes, unmatched_clusters
-from .models.archs import ARCHS
+from .models.archs import ALIASES, ARCHS, resolve_patch
 from .models.decoder import build_decoder, load_decoder
 from .models.vit import build_backbone
 from .precision import PRECISIONS, resolve_precision
@@ -109,7 +109,12 @@ def cmd_predict(args):
     elif not args.arch:
         raise InputFileNotFound(f"{args.params} not found: pass --params or --arch/--patch-size/--checkpoint/--size")
     arch = args.arch or params.backbone.arch
-    patch = args.patch_size or params.backbone.patch_size
+    if arch not in ARCHS:
+        raise InputValueError(f"--arch / backbone.arch: unknown '{arch}', expected one of {sorted(ARCHS)}")
+    patch = args.patch_size
+    if patch is None and params and ARCHS[arch].patch_size is None:  # DINO: 8 or 16 from params.yaml
+        patch = params.backbone.patch_size
+    patch = resolve_patch(arch, patch)  # DINOv2 / DINOv3: their own
     checkpoint = args.checkpoint if args.checkpoint is not None else (params and params.backbone.checkpoint)
     size = args.size or params.dataset.R
     if size < patch or size % patch:
@@ -126,10 +131,9 @@ def cmd_predict(args):
     if not isinstance(state, dict) or "cls_emb" not in state:
         raise InputValueError(f"{decoder_path}: not a decoder state dict (no cls_emb)")
     n_out, width = state["cls_emb"].shape[1], state["cls_emb"].shape[2]
-    if arch not in ARCHS:
-        raise InputValueError(f"--arch / backbone.arch: unknown '{arch}', expected one of {sorted(ARCHS)}")
     if ARCHS[arch].embed_dim != width:
-        fits = sorted(a for a, size in ARCHS.items() if size.embed_dim == width) or ["none of ours"]
+        fits = sorted(a for a, size in ARCHS.items() if size.embed_dim == width and a not in ALIASES) \
+            or ["none of ours"]
         raise InputValueError(f"{decoder_path} was trained on a backbone of width {width} ({', '.join(fits)}), but "
                               f"the backbone is {arch} of width {ARCHS[arch].embed_dim}: pass --arch (and "
                               f"--checkpoint) of the backbone it was trained with, or its params.yaml")

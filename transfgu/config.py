@@ -22,7 +22,7 @@ from .choices import BACKENDS, DECODES, LAUNCHERS, PRECISIONS
 from .data.tasks import DATASETS, FOLDER, Task, dataset_is_things_only, resolve_task
 from .errors import BadInput, InputFileNotFound, InputValueError
 from .launch import plan
-from .models.archs import ARCHS
+from .models.archs import ARCHS, resolve_patch
 
 DATASET_NAMES = (*DATASETS, FOLDER)
 SYNTHETIC = ("synthetic", "synthetic-things")
@@ -76,8 +76,21 @@ class DatasetConfig(Section):
 
 class BackboneConfig(Section):
     arch: Literal[tuple(ARCHS)]
-    patch_size: Literal[8, 16]
+    patch_size: Optional[Literal[8, 14, 16]] = None  # DINO: 8 or 16; DINOv2 / DINOv3: null or their own 14 / 16
     checkpoint: Optional[Text] = None
+
+    @model_validator(mode="after")
+    def _patch_fits_the_arch(self):
+        try:
+            resolve_patch(self.arch, self.patch_size)
+        except InputValueError as e:
+            raise ValueError(str(e)) from None  # a section's rule: _first_error puts the file's name first
+        return self
+
+    @property
+    def patch(self) -> int:
+        """The patch size in pixels: backbone.patch_size, or the arch's own."""
+        return resolve_patch(self.arch, self.patch_size)
 
 
 class ExtractConfig(Section):
@@ -176,10 +189,11 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _resolution_fits_the_patches(self, info: ValidationInfo):
-        R, patch = self.dataset.R, self.backbone.patch_size
+        R, patch = self.dataset.R, self.backbone.patch
         if R % patch:
-            raise InputValueError(f"{_file(info)}: dataset.R: expected a multiple of backbone.patch_size {patch}, "
-                                  f"got {R}")
+            near = sorted({max(patch, R // patch * patch), (R // patch + 1) * patch})
+            raise InputValueError(f"{_file(info)}: dataset.R: expected a multiple of the patch size {patch} "
+                                  f"({self.backbone.arch}), e.g. {' or '.join(map(str, near))}, got {R}")
         return self
 
     @model_validator(mode="after")

@@ -47,7 +47,7 @@ from .dino import DINOHead, DINOTrainer, MultiCrop, save_dino_checkpoint
 from .dist import epoch_permutation
 from .errors import InputValueError
 from .io import atomic_output, fingerprint
-from .models.archs import ARCHS
+from .models.archs import DINO_V1_ARCHS
 from .models.vit import DinoViT
 
 log = logging.getLogger("transfgu.pretrain")
@@ -59,7 +59,7 @@ NOT_IN_KEY = {"minutes", "checkpoint_every", "checkpoint_minutes", "resume", "no
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--images", nargs="+", required=True, help="image files, folders (recursive) or glob patterns")
-    ap.add_argument("--arch", default="vit_mini", choices=sorted(ARCHS))
+    ap.add_argument("--arch", default="vit_mini", choices=sorted(DINO_V1_ARCHS), help="a DINO (v1) ViT")
     ap.add_argument("--patch-size", type=int, default=8)
     ap.add_argument("--global-size", type=int, default=64, help="side of the 2 global crops (px)")
     ap.add_argument("--local-size", type=int, default=32, help="side of the local crops (px)")

@@ -37,7 +37,8 @@ def keep_top_mass(g: torch.Tensor, mass: float = 0.8) -> torch.Tensor:
 
 def attention_gradients(backbone, images: torch.Tensor, centroids: torch.Tensor, precision: str = "fp32"):
     """G (B, K, hw): dL_k/dA at the [CLS] row and patch columns, averaged over heads, for
-    L_k = 1 - cos(z, c_k) of each image; and the head-averaged attention row a (B, hw).
+    L_k = 1 - cos(z, c_k) of each image; and the head-averaged attention row a (B, hw). Register / storage
+    tokens (DINOv2 with registers, DINOv3) take part in the attention but are left out of both maps.
 
     precision 'bf16' runs the trunk (every block but the last) in bf16 autocast; the last block, the
     attention row and its gradient stay in the input's precision (float32)."""
@@ -45,13 +46,14 @@ def attention_gradients(backbone, images: torch.Tensor, centroids: torch.Tensor,
         with autocast(precision, images.device):
             t = backbone.trunk(images)
         t = t.to(images.dtype)  # the last block in the input's precision (float32, or float64 in tests)
-        attn_cls, v = backbone.last_block_attention(t)
+        attn_cls, v = backbone.last_block_attention(t, backbone.grid(images))
         z = backbone.cls_from_attention(t, attn_cls, v)
     cotangents = cosine_loss_cotangents(z.float(), centroids.float()).to(z.dtype)
     _, pullback = vjp(lambda a: backbone.cls_from_attention(t, a, v), attn_cls)
     grads = vmap(pullback)(cotangents)[0]  # (K, B, heads, N)
-    G = grads[..., 1:].mean(2).transpose(0, 1)  # (B, K, hw)
-    return G, attn_cls[:, :, 1:].mean(1)
+    n = backbone.num_prefix_tokens  # [CLS] and the registers
+    G = grads[..., n:].mean(2).transpose(0, 1)  # (B, K, hw)
+    return G, attn_cls[:, :, n:].mean(1)
 
 
 def pseudo_mask_parts(backbone, images: torch.Tensor, centroids: torch.Tensor, grad_scale: float = 1.0,

@@ -160,13 +160,13 @@ class Stage:
     def backbone(self) -> torch.nn.Module:
         from .models.vit import build_backbone
         b = self.params.backbone
-        model = build_backbone(b.arch, b.patch_size, b.checkpoint, seed=self.params.seed)
+        model = build_backbone(b.arch, b.patch, b.checkpoint, seed=self.params.seed)
         if not b.checkpoint:
             if dist.is_main():
                 log.warning("backbone %s/%d has RANDOM weights (backbone.checkpoint is empty): results are not "
-                            "meaningful segmentations", b.arch, b.patch_size)
+                            "meaningful segmentations", b.arch, b.patch)
         else:
-            log.info("backbone %s/%d loaded from %s", b.arch, b.patch_size, b.checkpoint)
+            log.info("backbone %s/%d loaded from %s", b.arch, b.patch, b.checkpoint)
         return model.to(self.device)
 
     def precision(self) -> str:
