@@ -109,7 +109,8 @@ def decode_resize(jpegs: list[np.ndarray], size: int, device) -> torch.Tensor:
 
 def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
     """A label PNG (8 or 16 bit, gray or palette indices), or a .mat label (key "gt", Potsdam), mapped through lut
-    and resized (nearest) to (size, size), int64. A value the dataset never uses is an error naming the file and the value."""
+    and resized (nearest) to (size, size), int64. A value the dataset never uses is an error naming the file and
+    the value."""
     if Path(path).suffix.lower() == MAT_EXTENSION:  # key "gt": an H x W integer array
         a = load_mat(path, "gt")
         if a.ndim != 2 or a.dtype.kind not in "iu":
