@@ -187,3 +187,24 @@ def test_dvc_params_leave_out_train_and_the_transfgu_stages():
     data_deps = [d for d in stage["deps"] if not d.endswith(".py")]
     assert data_deps == ["outputs/index.json"]
     assert [next(iter(m)) for m in stage["metrics"]] == ["outputs/probe_metrics.json"]
+
+
+@pytest.mark.slow  # spawns the stage as processes, one of them killed
+def test_stage_killed_after_an_epoch_resumes_to_the_same_metrics(tmp_path):
+    import sys
+    from tiny_project import copy_project, run
+    root = copy_project(tmp_path, default_params({**TINY, "dataset": {**TINY["dataset"], "root": "data/synthetic"},
+                                                  "probe": {"epochs": 3, "batch_size": 4}}), code=("stages",))
+    run([sys.executable, "stages/prepare.py"], root)
+    run([sys.executable, "stages/probe.py"], root)
+    out = root / "outputs" / "probe_metrics.json"
+    reference = out.read_bytes()
+    out.unlink()
+    killed = run([sys.executable, "stages/probe.py"], root, check=False, TRANSFGU_FAULT="probe:2")
+    assert killed.returncode != 0 and "TRANSFGU_FAULT=probe:2: SIGKILL" in killed.stderr
+    (checkpoint,) = (root / "outputs").glob(".probe_metrics.json.checkpoint-*")
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2 and not out.exists()
+    resumed = run([sys.executable, "stages/probe.py"], root)
+    assert "resuming from" in resumed.stderr and "2 of 3 epochs done" in resumed.stderr
+    assert out.read_bytes() == reference
+    assert not list((root / "outputs").glob(".probe_metrics.json.checkpoint-*"))
