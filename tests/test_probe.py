@@ -15,7 +15,8 @@ import yaml
 
 import dataset_trees as trees
 from tiny_project import default_params, run_stage_here
-from transfgu.probe import (ProbeSettings, direct_scores, epoch_order, probe_confusion, probe_loss, train_probe)
+from transfgu.probe import (ProbeSettings, direct_scores, epoch_order, probe_confusion, probe_loss, train_probe,
+                            upsample_bilinear)
 
 REPO = Path(__file__).resolve().parent.parent
 COLOURS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], np.uint8)  # one per class
@@ -95,6 +96,13 @@ def test_loss_is_cross_entropy_of_upsampled_logits_over_labelled_pixels():
     expected = -logp[keep.nonzero()[:, 0], flat[keep]].mean()
     assert probe_loss(probe, feats, labels, 3).item() == pytest.approx(expected.item(), rel=1e-6)
     assert probe_loss(probe, feats, torch.full_like(labels, 255), 3) is None
+
+
+@pytest.mark.parametrize("h, w, H, W", [(8, 8, 64, 64), (5, 7, 40, 21), (4, 4, 4, 4), (6, 3, 50, 33)])
+def test_upsampling_by_matrices_is_bilinear_interpolation(h, w, H, W):
+    z = torch.randn(2, 3, h, w, dtype=torch.float64)
+    torch.testing.assert_close(upsample_bilinear(z, (H, W)),
+                               torch.nn.functional.interpolate(z, size=(H, W), mode="bilinear", align_corners=False))
 
 
 def test_features_in_memory_or_per_epoch_train_the_same_probe():

@@ -56,10 +56,25 @@ def build_probe(dim: int, n_classes: int, seed: int) -> torch.nn.Conv2d:
         return torch.nn.Conv2d(dim, n_classes, kernel_size=1)
 
 
+def _linear_weights(n_in: int, n_out: int, like: torch.Tensor) -> torch.Tensor:
+    """(n_out, n_in): 1-D linear interpolation from n_in to n_out samples as F.interpolate(mode='linear',
+    align_corners=False) does it (each row: the weights of one output sample), read off unit signals."""
+    eye = torch.eye(n_in, device=like.device, dtype=like.dtype)[:, None, :]
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+
+
+def upsample_bilinear(z: torch.Tensor, size) -> torch.Tensor:
+    """F.interpolate(z, size, mode='bilinear', align_corners=False) as two matrix products (bilinear interpolation is
+    separable): the same values to rounding, and a backward pass that is a matrix product too (PyTorch's
+    interpolation backward is several times slower on the CPU)."""
+    (h, w), (H, W) = z.shape[-2:], size
+    return _linear_weights(h, H, z) @ (z @ _linear_weights(w, W, z).T)
+
+
 def probe_loss(probe, feats: torch.Tensor, labels: torch.Tensor, n_classes: int) -> torch.Tensor | None:
     """Cross-entropy of the probe's logits, upsampled bilinearly (align_corners=False) to the labels' size, over
     the pixels labelled in [0, n_classes); None when the batch has no such pixel."""
-    logits = F.interpolate(probe(feats), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    logits = upsample_bilinear(probe(feats), labels.shape[-2:])
     valid = (labels >= 0) & (labels < n_classes)
     if not bool(valid.any()):
         return None
