@@ -34,7 +34,7 @@ def main(stage):
     backbone, precision = stage.backbone(), stage.precision()
     backbone.eval()
     settings = ProbeSettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=p.seed,
-                             precision=precision, cache_bytes=cfg.cache_gb * 1e9, num_workers=stage.workers())
+                             forward_batch=cfg.forward_batch, precision=precision, cache_bytes=cfg.cache_gb * 1e9, num_workers=stage.workers())
     train = SplitDataset(index, "train", R, lut=task.label_lut)
     val = SplitDataset(index, "val", R, lut=task.label_lut)
     n_classes = len(task.class_names)

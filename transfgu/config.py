@@ -136,6 +136,7 @@ class ProbeConfig(Section):
     epochs: PosInt = 5
     lr: Annotated[float, Field(gt=0)] = 5.0e-3
     batch_size: PosInt = 32
+    forward_batch: PosInt = 128
     cache_gb: Annotated[float, Field(ge=0)] = 2.0
     precision: Precision = "auto"
     num_workers: Workers = "auto"

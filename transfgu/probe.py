@@ -33,6 +33,7 @@ class ProbeSettings:
     lr: float
     batch_size: int
     seed: int = 0
+    forward_batch: int = 128         # images per backbone forward where no gradient step follows (cache, val)
     precision: str = "fp32"          # of the backbone forward; the probe itself runs in float32
     cache_bytes: float = 0           # hold the train features in memory when they take at most this many bytes
     num_workers: int = 0
@@ -114,7 +115,7 @@ class TrainFeatures:
         self.feats = self.labels = None
         if cached:
             feats, labels = [], []
-            for batch in progress(_loader(dataset, settings.batch_size, settings.num_workers),
+            for batch in progress(_loader(dataset, settings.forward_batch, settings.num_workers),
                                   desc="probe features", leave=False):
                 feats.append(features(backbone, batch["image"].to(device), settings.precision).cpu())
                 labels.append(batch["label"].to(torch.int16))
@@ -185,7 +186,7 @@ def probe_confusion(backbone, probe, dataset, n_classes: int, settings: ProbeSet
     """Class x class confusion (rows: predicted, columns: ground truth) of the probe on a labelled split: logits
     upsampled bilinearly to the labels' size, argmax; labels outside [0, n_classes) left out."""
     conf = np.zeros((n_classes, n_classes), dtype=np.int64)
-    for batch in progress(_loader(dataset, settings.batch_size, settings.num_workers), desc="probe val",
+    for batch in progress(_loader(dataset, settings.forward_batch, settings.num_workers), desc="probe val",
                           leave=False):
         label = batch["label"].to(device)
         pred = upsample_argmax(probe(features(backbone, batch["image"].to(device), settings.precision)),
