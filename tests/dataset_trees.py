@@ -242,6 +242,41 @@ def make_lip(root, seed: int = 3) -> Path:
     return root
 
 
+# -- Potsdam (IIC's preparation, as STEGO and HP distribute it) ---------------------------------------------------
+POTSDAM_IDS = {"labelled_train": ["5012", "77", "1930"], "labelled_test": ["8190", "346"],
+               "unlabelled_train": ["2604", "11"]}
+POTSDAM_SIZES = [(40, 40), (48, 48), (44, 44), (40, 40), (48, 48), (40, 40), (44, 44)]
+
+
+def make_potsdam(root, seed: int = 5) -> Path:
+    """imgs/<id>.mat (key "img": H x W x 4 uint8, RGB + infrared), gt/<id>.mat (key "gt": H x W int32, values
+    0..5, all of them used) for the labelled ids, none for the unlabelled ones; labelled_train.txt,
+    labelled_test.txt, unlabelled_train.txt and all.txt."""
+    from scipy.io import savemat
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(256, 3))
+    (root / "imgs").mkdir(parents=True, exist_ok=True)
+    (root / "gt").mkdir(parents=True, exist_ok=True)
+    pools = _pools(rng, list(range(6)), 5, 3 * 3)
+    k = 0
+    for split, ids in POTSDAM_IDS.items():
+        for i in ids:
+            h, w = POTSDAM_SIZES[k]
+            lab = grid_labels(rng, h, w, pools[k % len(pools)], 3, 3)
+            k += 1
+            infrared = rng.integers(0, 256, size=(h, w, 1), dtype=np.uint8)
+            savemat(root / "imgs" / f"{i}.mat", {"img": np.concatenate([colour_image(rng, lab, colours), infrared],
+                                                                       axis=2)})
+            if split != "unlabelled_train":
+                path = root / "gt" / f"{i}.mat"
+                savemat(path, {"gt": lab.astype(np.int32)})
+                RAW_LABELS[str(path.resolve())] = lab.copy()
+        write_list(root / f"{split}.txt", ids)
+    write_list(root / "all.txt", [i for ids in POTSDAM_IDS.values() for i in ids])
+    return root
+
+
 # -- a plain folder of images ----------------------------------------------------------------------------
 FOLDER_FILES = {"train": [("a_rgb", ".jpg", "RGB"), ("b_gray", ".png", "L"), ("c_rgba", ".png", "RGBA")],
                 "val": [("d_palette", ".png", "P"), ("e_16bit", ".png", "I;16")]}

@@ -16,12 +16,13 @@ from tiny_project import run as run_in_project
 pytestmark = pytest.mark.slow  # the whole module spawns dvc / torchrun / bash processes
 
 REPO = Path(__file__).resolve().parent.parent
-AFTER_PREPARE = {"extract", "cluster", "pseudo", "train", "evaluate"}
+AFTER_PREPARE = {"extract", "cluster", "pseudo", "train", "evaluate", "probe"}
 TINY = {"granularity": 4,
         "dataset": {"name": "folder", "root": "data/folder", "R": 32},
         "extract": {"batch_size": 4, "crop_batch": 64}, "cluster": {"niter": 10}, "pseudo": {"batch_size": 4},
         "train": {"epochs": 1, "batch_size": 2, "bootstrap_start": 1, "bootstrap_intervals": [1]},
-        "evaluate": {"batch_size": 4, "n_pictures": 1, "patch_kmeans_baseline": False}}
+        "evaluate": {"batch_size": 4, "n_pictures": 1, "patch_kmeans_baseline": False},
+        "probe": {"epochs": 1, "batch_size": 4}}
 
 
 def run(args, cwd, check=True):

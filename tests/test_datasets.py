@@ -46,6 +46,10 @@ COCO27 = [  # class order of docs/method.md: things, then stuff
     ("water", [119, 147, 154, 177, 178]),
 ]
 LIP5 = [[1, 2, 4, 13], [5, 6, 7, 10, 11, 12], [3, 14, 15], [9, 16, 17], [8, 18, 19]]
+# Potsdam gt values (IIC's preparation): 0 roads, 1 buildings, 2 low vegetation, 3 trees, 4 cars, 5 clutter.
+# 6 classes: cars (the thing) first; 3 classes: STEGO's Potsdam.fine_to_coarse ({0, 4}, {1, 5}, {2, 3}).
+POTSDAM6_CLASS_OF = {4: 0, 0: 1, 1: 2, 2: 3, 3: 4, 5: 5}
+POTSDAM3_CLASS_OF = {0: 0, 4: 0, 1: 1, 5: 1, 2: 2, 3: 2}
 
 
 def expected_table(name: str, granularity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +90,10 @@ def expected_table(name: str, granularity: int) -> tuple[np.ndarray, np.ndarray]
             t[0] = 0
             for c, members in enumerate(LIP5):
                 t[members] = c + 1
+    elif name in ("potsdam", "potsdam3"):
+        for raw, c in (POTSDAM6_CLASS_OF if name == "potsdam" else POTSDAM3_CLASS_OF).items():
+            t[raw] = c
+        t[IGN] = IGN  # STEGO maps 255 to -1 (ignored)
     else:
         raise AssertionError((name, granularity))
     return t, checked
@@ -101,10 +109,14 @@ TASKS = [
     ("lip", 5, 5, 0, True, 6, 6),
     ("lip", 16, 16, 0, True, 17, 17),
     ("lip", 19, 19, 0, True, 20, 20),
+    ("potsdam", 6, 1, 5, False, 6, 6),
+    ("potsdam3", 3, 0, 3, False, 3, 3),
 ]
 TASK_IDS = [f"{t[0]}-{t[1]}" for t in TASKS]
-TREE_OF = {"cocostuff": "coco", "coco80": "coco", "cityscapes": "cityscapes", "voc": "voc", "lip": "lip"}
-VALID = {"cocostuff": [27, 171], "coco80": [80], "cityscapes": [27], "voc": [21], "lip": [5, 16, 19]}
+TREE_OF = {"cocostuff": "coco", "coco80": "coco", "cityscapes": "cityscapes", "voc": "voc", "lip": "lip",
+           "potsdam": "potsdam", "potsdam3": "potsdam"}
+VALID = {"cocostuff": [27, 171], "coco80": [80], "cityscapes": [27], "voc": [21], "lip": [5, 16, 19],
+         "potsdam": [6], "potsdam3": [3]}
 
 
 def test_own_tables_cover_every_id():
@@ -124,7 +136,8 @@ def tree(tmp_path_factory):
              "voc": trees.make_voc(base / "PascalVOC"), "lip": trees.make_lip(base / "LIP"),
              "folder": trees.make_folder(base / "folder"),
              "folder-bg": trees.make_folder(base / "folder-bg", kinds=("thing", "background", "thing")),
-             "folder-nolabels": trees.make_folder(base / "folder-nolabels", labels=False)}
+             "folder-nolabels": trees.make_folder(base / "folder-nolabels", labels=False),
+             "potsdam": trees.make_potsdam(base / "potsdam")}
     return roots
 
 
@@ -302,6 +315,7 @@ def test_image_list_of_cityscapes_file_names(tree, tmp_path):
 @pytest.mark.parametrize("name, key, expected", [
     ("voc", "voc", trees.VOC_IDS),
     ("lip", "lip", trees.LIP_IDS),
+    ("potsdam", "potsdam", {"train": trees.POTSDAM_IDS["labelled_train"], "val": trees.POTSDAM_IDS["labelled_test"]}),
     ("cityscapes", "cityscapes", {s: [stem for _, stem in f] for s, f in trees.CITYSCAPES_FILES.items()}),
 ])
 def test_split_lists(tree, name, key, expected):
@@ -346,6 +360,7 @@ def test_folder_missing_label_is_an_error(copy_tree):
 @pytest.mark.parametrize("name, missing", [
     ("cocostuff", "images/train2017"), ("coco80", "images/train2017"), ("cityscapes", "leftImg8bit/train"),
     ("voc", "ImageSets/Segmentation/train.txt"), ("lip", "train_id.txt"), ("folder", "images/train"),
+    ("potsdam", "labelled_train.txt"),
 ])
 def test_missing_dataset_folder(tmp_path, name, missing):
     root = tmp_path / "nowhere"
@@ -362,6 +377,8 @@ def test_missing_dataset_folder(tmp_path, name, missing):
     ("voc", "voc", "SegmentationClass"),
     ("lip", "lip", "val_id.txt"),
     ("lip", "lip", "val_segmentations"),
+    ("potsdam", "potsdam3", "labelled_test.txt"),
+    ("potsdam", "potsdam", "gt"),
 ])
 def test_missing_part_of_a_dataset(copy_tree, key, name, remove):
     root = copy_tree(key)
@@ -381,7 +398,7 @@ def test_missing_image_list_file(tree, tmp_path):
 
 
 @pytest.mark.parametrize("name, bad", [("cocostuff", 28), ("cocostuff", 80), ("coco80", 81), ("cityscapes", 19),
-                                       ("voc", 20), ("lip", 6), ("lip", 20)])
+                                       ("voc", 20), ("lip", 6), ("lip", 20), ("potsdam", 3), ("potsdam3", 6)])
 def test_invalid_granularity(name, bad):
     with pytest.raises(ValueError) as e:
         resolve_task(dataset_cfg(name, "x"), bad)
@@ -624,3 +641,52 @@ def test_shipped_lists_are_package_data():
         "package-data"]["transfgu.data"]
     names = {p.name for g in globs for p in SHIPPED_LISTS.parent.glob(g)}
     assert {"cocostuff_curated_train.txt", "cocostuff_curated_val.txt"} <= names
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Potsdam: .mat files (scipy.io), RGB + infrared images
+# ---------------------------------------------------------------------------------------------------------
+def test_potsdam_image_is_its_first_three_channels(tree):
+    """STEGO reads `loadmat(imgs/<id>.mat)["img"]` and keeps channels 0..2 (RGB; channel 3 is infrared)."""
+    from scipy.io import loadmat
+    root = tree["potsdam"]
+    for i in trees.POTSDAM_IDS["labelled_train"] + trees.POTSDAM_IDS["unlabelled_train"]:
+        img = loadmat(root / "imgs" / f"{i}.mat")["img"]
+        assert img.shape[2] == 4 and img.dtype == np.uint8
+        h = img.shape[0]
+        np.testing.assert_array_equal(load_rgb(root / "imgs" / f"{i}.mat", h).permute(1, 2, 0).numpy(), img[:, :, :3])
+        resized = np.asarray(Image.fromarray(img[:, :, :3]).resize((32, 32), Image.BILINEAR))
+        np.testing.assert_array_equal(load_rgb(root / "imgs" / f"{i}.mat", 32).permute(1, 2, 0).numpy(), resized)
+
+
+def test_potsdam_unlabelled_images_are_not_listed(tree):
+    entries = [e["id"] for split in ("train", "val") for e in list_split(dataset_cfg("potsdam", tree["potsdam"]),
+                                                                         split)]
+    assert not set(entries) & set(trees.POTSDAM_IDS["unlabelled_train"])
+    assert sorted(entries) == sorted(trees.POTSDAM_IDS["labelled_train"] + trees.POTSDAM_IDS["labelled_test"])
+
+
+def test_potsdam_label_value_outside_the_map(copy_tree):
+    from scipy.io import loadmat, savemat
+    root = copy_tree("potsdam")
+    path = root / "gt" / f"{trees.POTSDAM_IDS['labelled_test'][0]}.mat"
+    gt = loadmat(path)["gt"]
+    gt[:4, :4] = 6
+    savemat(path, {"gt": gt})
+    with pytest.raises(ValueError, match=re.escape(str(path)) + r".*\b6\b"):
+        load_label(path, 32, resolve_task(dataset_cfg("potsdam", root), 6).label_lut)
+
+
+@pytest.mark.parametrize("what", ["truncated", "wrong key"])
+def test_potsdam_unreadable_mat_names_the_file(copy_tree, what):
+    from scipy.io import savemat
+    root = copy_tree("potsdam")
+    path = root / "imgs" / f"{trees.POTSDAM_IDS['labelled_train'][1]}.mat"
+    if what == "truncated":
+        trees.truncate(path, 100)
+    else:
+        savemat(path, {"image": np.zeros((8, 8, 4), np.uint8)})
+    with pytest.raises(OSError, match=re.escape(str(path))):
+        load_rgb(path, 32)
+    index = prepare_index(dataset_cfg("potsdam", root), 0, check_images=True)
+    assert index["skipped"]["train"] == [f"imgs/{path.name}"]

@@ -20,7 +20,7 @@ from transfgu.data.tasks import resolve_task
 from tiny_project import merge, run_stage_here  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("prepare", "extract", "cluster", "pseudo", "train", "evaluate")
+STAGES = ("prepare", "extract", "cluster", "pseudo", "train", "evaluate", "probe")
 
 TINY = {
     "seed": 0,
@@ -31,6 +31,7 @@ TINY = {
     "pseudo": {"batch_size": 4},
     "train": {"epochs": 2, "batch_size": 2, "bootstrap_start": 1, "bootstrap_intervals": [1]},
     "evaluate": {"batch_size": 4, "n_pictures": 1},
+    "probe": {"epochs": 1, "batch_size": 4},
 }
 
 # (id, dataset name, granularity, tree builder, extra dataset keys, extra params)
@@ -48,6 +49,8 @@ CASES = [
     ("folder-labels-4", "folder", 4, trees.make_folder, {}, {}),
     ("folder-labels-things-only-2", "folder", 2,
      lambda root: trees.make_folder(root, kinds=("thing", "background", "thing")), {}, {}),
+    ("potsdam-6", "potsdam", 6, trees.make_potsdam, {}, {}),
+    ("potsdam3-3", "potsdam3", 3, trees.make_potsdam, {}, {}),  # no thing concept: K_t = 0
 ]
 
 
@@ -115,6 +118,8 @@ def test_pipeline_on_labelled_dataset(tmp_path, monkeypatch, stage_modules, name
     assert all(0 <= metrics[k] <= 100 for k in ("miou_things", "miou_stuff") if k in metrics)
     shares = ("attention_foreground_thing_share", "thing_share")  # the attention's thing pixels vs the images'
     assert all((k in pseudo) == split[0] and 0 <= pseudo.get(k, 0) <= 100 for k in shares)
+    probe = json.loads((project / "outputs" / "probe_metrics.json").read_text())
+    assert sorted(probe) == ["linear_miou", "linear_pixel_accuracy"] and all(0 <= v <= 100 for v in probe.values())
 
 
 def test_pipeline_on_unlabelled_folder(tmp_path, monkeypatch, stage_modules):
@@ -131,6 +136,7 @@ def test_pipeline_on_unlabelled_folder(tmp_path, monkeypatch, stage_modules):
     val = index["splits"]["val"]
     assert json.loads((project / "outputs" / "eval_details.json").read_text())["n_images"] == len(val)
     assert "miou" not in metrics and "pixel_accuracy" not in metrics
+    assert json.loads((project / "outputs" / "probe_metrics.json").read_text()) == {}  # no labels: no probe numbers
     matching = json.loads((project / "outputs" / "cluster_classes.json").read_text())
     assert [(e["name"], e["class_id"]) for e in matching["clusters"]] == [(f"cluster {i}", None) for i in range(5)]
     predictions = sorted((project / "outputs" / "predictions").rglob("*.png"))

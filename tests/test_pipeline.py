@@ -21,6 +21,7 @@ TINY = {
     "pseudo": {"batch_size": 4},
     "train": {"epochs": 3, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [2]},
     "evaluate": {"batch_size": 4, "n_pictures": 2},
+    "probe": {"epochs": 2, "batch_size": 4},
 }
 
 
@@ -58,13 +59,15 @@ def read_metrics(root):
 
 def test_repro_runs_every_stage_and_reports_metrics(project):
     root, out = project
-    assert ran_stages(out) == {"prepare", "extract", "cluster", "pseudo", "train", "evaluate"}
+    assert ran_stages(out) == {"prepare", "extract", "cluster", "pseudo", "train", "evaluate", "probe"}
     shown = json.loads(dvc("metrics", "show", "--json", cwd=root))
     files = {path: f["data"] for rev in shown.values() for path, f in rev["data"].items()}
     values = files["outputs/metrics.json"]  # the headline, in this order, and nothing else
     assert list(values) == ["miou", "pixel_accuracy", "baseline_miou", "baseline_pixel_accuracy", "miou_things",
                             "miou_stuff"]
     assert all(0 <= v <= 100 for v in values.values())
+    probe = files["outputs/probe_metrics.json"]  # the linear probe: a metric of its own stage
+    assert list(probe) == ["linear_miou", "linear_pixel_accuracy"] and all(0 <= v <= 100 for v in probe.values())
     assert "outputs/pseudo_metrics.json" not in files  # diagnostics: not a DVC metric
     assert 0 <= json.loads((root / "outputs" / "pseudo_metrics.json").read_text())["pseudo_miou"] <= 100
     assert json.loads((root / "outputs" / "eval_details.json").read_text()) == {"n_images": 6, "n_classes": 6,
@@ -168,8 +171,9 @@ def test_rerun_gives_identical_results(project):
 def test_granularity_experiment_reruns_cluster_onward_only(project):
     root, _ = project
     out = dvc("exp", "run", "-S", "granularity=12", cwd=root)
-    # prepare runs on every repro (it re-reads the dataset) and writes the same index: extract is not re-run
-    assert ran_stages(out) == {"prepare", "cluster", "pseudo", "train", "evaluate"}
+    # prepare runs on every repro (it re-reads the dataset) and writes the same index: extract is not re-run; the
+    # probe is, as granularity fixes its label set (6 coarse / 12 fine synthetic classes)
+    assert ran_stages(out) == {"prepare", "cluster", "pseudo", "train", "evaluate", "probe"}
     assert len(json.loads((root / "outputs" / "cluster_classes.json").read_text())["clusters"]) == 12
     shown = json.loads(dvc("exp", "show", "--json", cwd=root))
     text = json.dumps(shown)
@@ -227,7 +231,7 @@ def test_real_dataset_layout_through_dvc_exp_run(project, tmp_path):
     voc = make_voc(tmp_path / "PascalVOC")
     out = dvc("exp", "run", "-S", "dataset.name=voc", "-S", f"dataset.root={voc}", "-S", "granularity=21",
               "-S", "train.batch_size=2", cwd=root)
-    assert ran_stages(out) == {"prepare", "extract", "cluster", "pseudo", "train", "evaluate"}
+    assert ran_stages(out) == {"prepare", "extract", "cluster", "pseudo", "train", "evaluate", "probe"}
     metrics = read_metrics(root)
     assert json.loads((root / "outputs" / "eval_details.json").read_text())["n_classes"] == 21
     assert 0 <= metrics["miou"] <= 100

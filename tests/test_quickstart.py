@@ -89,6 +89,7 @@ def quickstart(clone):
 
 
 HEADLINE = ["miou", "pixel_accuracy", "baseline_miou", "miou_things", "miou_stuff"]
+LINEAR = ["linear_miou", "linear_pixel_accuracy"]  # outputs/probe_metrics.json, the linear probe
 
 
 def block_command(block: str, start: str) -> str:
@@ -126,7 +127,7 @@ def test_quickstart_runs_as_printed(quickstart):
     # baseline commit and the granularity=12 experiment
     exp_show = block_command(block, "dvc exp show")
     table = list(csv.reader(io.StringIO(bash(activate + exp_show + " --csv", root, env).stdout)))
-    assert table[0] == ["Experiment", *HEADLINE, "granularity"], table[0]
+    assert table[0] == ["Experiment", "miou", "pixel_accuracy", *LINEAR, "granularity"], table[0]
     assert len(table) == 1 + 3 and all(all(row[1:]) for row in table[1:]), table
     rows = list(exp_entries(json.loads(bash(activate + exp_show + " --json", root, env).stdout)))
     assert sorted(kind for kind, _, _ in rows) == ["baseline", "experiment", "workspace"], rows
@@ -134,7 +135,7 @@ def test_quickstart_runs_as_printed(quickstart):
     assert grains["workspace"] == grains["experiment"] == 12, grains
     # the printed tables at COLUMNS=120: nothing elided, no column name broken over lines
     assert "…" not in proc.stdout, proc.stdout[-4000:]
-    for name in [*HEADLINE, "baseline_pixel_accuracy", "granularity"]:
+    for name in [*HEADLINE, "baseline_pixel_accuracy", *LINEAR, "granularity"]:
         assert re.search(rf"(?<!\w){name}(?!\w)", proc.stdout), (name, proc.stdout[-4000:])
 
 

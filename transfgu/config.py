@@ -143,6 +143,19 @@ class EvaluateConfig(Section):
     num_workers: Workers = "auto"
 
 
+class ProbeConfig(Section):
+    """The linear probe stage (stages/probe.py): a 1x1 classifier on the frozen patch features, trained with the
+    train labels, scored on val without matching."""
+    enabled: bool = True
+    epochs: PosInt = 5
+    lr: Annotated[float, Field(gt=0)] = 5.0e-3
+    batch_size: PosInt = 32
+    forward_batch: PosInt = 128
+    cache_gb: Annotated[float, Field(ge=0)] = 2.0
+    precision: Precision = "auto"
+    num_workers: Workers = "auto"
+
+
 class LauncherConfig(Section):
     nproc_per_node: Union[Literal["auto"], PosInt] = 1  # auto: one process per GPU of the node (transfgu/launch.py)
     nnodes: PosInt = 1
@@ -171,6 +184,7 @@ class Params(Section):
     pseudo: PseudoConfig
     train: TrainConfig
     evaluate: EvaluateConfig
+    probe: ProbeConfig = ProbeConfig()
     launcher: LauncherConfig = LauncherConfig()
     _path: Path = PrivateAttr(default=Path("params.yaml"))
     _task: Optional[Task] = PrivateAttr(default=None)

@@ -84,6 +84,20 @@ def lip(root: Path, split: str) -> list[dict]:
     return [{"id": i, "image": f"{split}_images/{i}.jpg", "label": f"{split}_segmentations/{i}.png"} for i in ids]
 
 
+POTSDAM_SPLITS = {"train": "labelled_train.txt", "val": "labelled_test.txt"}
+
+
+def potsdam(root: Path, split: str) -> list[dict]:
+    """Potsdam as IIC prepared it and STEGO / HP distribute it (root = their `potsdam` folder):
+    imgs/<id>.mat (key "img": 200 x 200 x 4 uint8, RGB + infrared), gt/<id>.mat (key "gt": 200 x 200 int32,
+    classes 0..5), split lists labelled_train.txt (train) and labelled_test.txt (val), one id a line."""
+    section = "Potsdam"
+    ids = read_image_list(_require(root / POTSDAM_SPLITS[split], "Potsdam split list", section))
+    _require(root / "imgs", "Potsdam image folder (imgs/*.mat)", section)
+    _require(root / "gt", "Potsdam label folder (gt/*.mat)", section)
+    return [{"id": i, "image": f"imgs/{i}.mat", "label": f"gt/{i}.mat"} for i in ids]
+
+
 def folder(root: Path, split: str) -> list[dict]:
     """images/{split}/* with optional labels/{split}/<stem>.png: when labels/{split} exists, every image
     needs its label."""

@@ -29,8 +29,41 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+MAT_EXTENSION = ".mat"  # MATLAB files of Potsdam: key "img" (H x W x C, first 3 channels RGB) or "gt" (H x W)
+
+
+def load_mat(path: Path, key: str) -> np.ndarray:
+    """The array under `key` of a MATLAB .mat file (scipy.io.loadmat)."""
+    from scipy.io import loadmat
+    try:
+        data = loadmat(path)
+    except Exception as e:  # noqa: BLE001 (a damaged file makes scipy raise anything: IndexError, MatReadError...)
+        raise InputOSError(f"cannot read {path}: {e}") from e
+    if key not in data:
+        keys = sorted(k for k in data if not k.startswith("__"))
+        raise InputOSError(f"cannot read {path}: no key '{key}' (keys: {keys})")
+    return np.asarray(data[key])
+
+
+def _mat_image(path: Path) -> Image.Image:
+    """A .mat image (key "img", H x W x C with RGB first, e.g. Potsdam's RGB + infrared) as an 8-bit RGB image."""
+    a = load_mat(path, "img")
+    if a.ndim != 3 or a.shape[2] < 3:
+        raise InputOSError(f"cannot read image {path}: expected an H x W x C array with C >= 3 under 'img', got shape "
+                           f"{a.shape}")
+    a = a[:, :, :3]
+    if a.dtype != np.uint8:  # floats in [0, 1] scaled, others clipped to 0..255
+        scale = 255 if a.dtype.kind == "f" and a.max() <= 1 else 1
+        a = np.clip(a.astype(np.float64) * scale + (0.5 if scale > 1 else 0), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a), "RGB")
+
+
 def load_rgb(path: Path, size: int) -> torch.Tensor:
-    """An image file as uint8 (3, size, size), resized bilinearly (aspect not kept)."""
+    """An image file (or a .mat image, `_mat_image`) as uint8 (3, size, size), resized bilinearly (aspect not
+    kept)."""
+    if Path(path).suffix.lower() == MAT_EXTENSION:
+        im = _mat_image(path).resize((size, size), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     try:
         with Image.open(path) as im:
             im = to_rgb(im).resize((size, size), Image.BILINEAR)
@@ -75,8 +108,16 @@ def decode_resize(jpegs: list[np.ndarray], size: int, device) -> torch.Tensor:
 
 
 def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
-    """A label PNG (8 or 16 bit, gray or palette indices) mapped through lut and resized (nearest) to
-    (size, size), int64. A value the dataset never uses is an error naming the file and the value."""
+    """A label PNG (8 or 16 bit, gray or palette indices), or a .mat label (key "gt", Potsdam), mapped through lut
+    and resized (nearest) to (size, size), int64. A value the dataset never uses is an error naming the file and
+    the value."""
+    if Path(path).suffix.lower() == MAT_EXTENSION:  # key "gt": an H x W integer array
+        a = load_mat(path, "gt")
+        if a.ndim != 2 or a.dtype.kind not in "iu":
+            raise InputOSError(f"cannot read label {path}: expected an H x W integer array under 'gt', got "
+                               f"{a.dtype} {a.shape}")
+        raw = np.asarray(Image.fromarray(a.astype(np.int32), "I").resize((size, size), Image.NEAREST))
+        return _mapped(path, raw.astype(np.int64), lut)
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
@@ -84,6 +125,10 @@ def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
             raw = np.asarray(im.resize((size, size), Image.NEAREST)).astype(np.int64)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise InputOSError(f"cannot read label {path}: {e}") from e
+    return _mapped(path, raw, lut)
+
+
+def _mapped(path: Path, raw: np.ndarray, lut: np.ndarray) -> torch.Tensor:
     if raw.min() < 0 or raw.max() >= len(lut):
         raise InputValueError(f"{path}: label value {int(raw.min() if raw.min() < 0 else raw.max())} is outside "
                          f"the dataset's label map")

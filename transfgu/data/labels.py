@@ -138,3 +138,21 @@ def lip(granularity: int):
         mapping.update({raw: c + 1 for c, (_, members) in enumerate(LIP5_GROUPS) for raw in members})
         return ["background"] + [n for n, _ in LIP5_GROUPS], lut_from(mapping)
     raise ValueError(granularity)
+
+
+# -- Potsdam (IIC's preparation, as STEGO and HP distribute it): gt values 0..5 --------------------------------
+# 0 roads (impervious surfaces), 1 buildings, 2 low vegetation, 3 trees, 4 cars, 5 clutter. The 6-class task puts
+# the one thing class (car) first, as the decoder's thing channels come first; the 3-class task merges them as
+# STEGO's `Potsdam.fine_to_coarse` does (roads and cars, buildings and clutter, vegetation and trees).
+POTSDAM_NAMES = ["roads", "buildings", "low vegetation", "trees", "cars", "clutter"]
+POTSDAM6_ORDER = [4, 0, 1, 2, 3, 5]  # raw value of each class, things first
+POTSDAM3_GROUPS = [("roads and cars", [0, 4]), ("buildings and clutter", [1, 5]), ("vegetation and trees", [2, 3])]
+
+
+def potsdam_6():
+    return [POTSDAM_NAMES[raw] for raw in POTSDAM6_ORDER], lut_from({raw: c for c, raw in enumerate(POTSDAM6_ORDER)})
+
+
+def potsdam_3():
+    mapping = {raw: c for c, (_, members) in enumerate(POTSDAM3_GROUPS) for raw in members}
+    return [n for n, _ in POTSDAM3_GROUPS], lut_from(mapping)

@@ -77,6 +77,10 @@ DATASETS = {
                               "Cityscapes"),
     "voc": DatasetSpec(True, {21: (20, 0)}, 8, lambda g: labels.voc_21(), adapters.voc, "Pascal VOC"),
     "lip": DatasetSpec(True, {5: (5, 0), 16: (16, 0), 19: (19, 0)}, 2, labels.lip, adapters.lip, "LIP"),
+    # Potsdam (no published TransFGU setting): the 6 classes as 1 thing (cars) + 5 stuff, the 3 merged classes of
+    # STEGO / HP as 3 stuff (docs/method.md, "Datasets and granularities")
+    "potsdam": DatasetSpec(False, {6: (1, 5)}, 8, lambda g: labels.potsdam_6(), adapters.potsdam, "Potsdam"),
+    "potsdam3": DatasetSpec(False, {3: (0, 3)}, 8, lambda g: labels.potsdam_3(), adapters.potsdam, "Potsdam"),
 }
 FOLDER = "folder"
 
