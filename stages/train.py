@@ -62,7 +62,8 @@ def main(stage):
         try:
             best, history = train_decoder(backbone, decoder, train_loader, val_loader, tc, task.things_only,
                                           len(task.class_names), dev, on_epoch=live and live.on_epoch,
-                                          on_step=live and live.on_step, checkpoint=checkpoint)
+                                          on_step=live and live.on_step, checkpoint=checkpoint,
+                                          class_kinds=task.class_kinds)
         except NonFiniteLoss as e:
             raise InputValueError(f"{e} (train.lr, train.precision)") from None
     if dist.is_main():

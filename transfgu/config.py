@@ -117,6 +117,9 @@ class PseudoConfig(Section):
     precision: Precision = "fp32"  # bf16 changes a few % of the pseudo labels (docs/usage.md, "Precision")
     num_workers: Workers = "auto"
     decode: Decode = "host"
+    # true: the train split's ground truth in the pseudo-mask layout instead of the method's maps (a diagnostic:
+    # the bound that train and evaluate reach from perfect pseudo labels; transfgu/oracle.py)
+    oracle: bool = False
 
 
 class TrainConfig(Section):

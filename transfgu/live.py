@@ -12,7 +12,7 @@ from .io import atomic_output
 
 log = logging.getLogger("transfgu")
 LOG_FIELDS = ("epoch", "loss", "loss_cat", "loss_uncertainty", "loss_cls_emb", "val_miou", "val_pixel_accuracy",
-              "bootstrapping", "handover", "seconds")
+              "val_miou_things", "val_miou_stuff", "val_things_predicted", "bootstrapping", "handover", "seconds")
 POINTS_PER_EPOCH = 10  # training-loss points per epoch in dvclive's step curve
 
 
@@ -80,6 +80,9 @@ class LiveLog:
         if "val_miou" in row:
             self.live.log_metric("val/miou", float(row["val_miou"]))
             self.live.log_metric("val/pixel_accuracy", float(row["val_pixel_accuracy"]))
+        for key in ("val_miou_things", "val_miou_stuff", "val_things_predicted"):  # datasets with things and stuff
+            if key in row:
+                self.live.log_metric(key.replace("val_", "val/", 1), float(row[key]))
         self.live.sync()
 
     def end(self):

@@ -17,7 +17,7 @@ from .checkpoint import restart_from_checkpoint, restore_rng, save_on_master
 from .data.dataset import images_on
 from .devices import to_device
 from .losses import loss_cat, loss_cls_emb, loss_uncertainty, normalize_maps, soft_targets
-from .metrics import segmentation_scores
+from .metrics import miou_by_kind, segmentation_scores
 from .optim import decay_groups
 from .precision import autocast
 from .progress import progress
@@ -128,6 +128,9 @@ def format_epoch(row: dict, epochs: int | None = None) -> str:
              f"cls_emb {row['loss_cls_emb']:.4f})"]
     if "val_miou" in row:
         parts.append(f"val miou {row['val_miou']:.2f}, pixel accuracy {row['val_pixel_accuracy']:.2f}")
+        if "val_miou_things" in row:
+            parts[-1] += f" (things {row['val_miou_things']:.2f}, stuff {row.get('val_miou_stuff', 0.0):.2f}, " \
+                f"{row.get('val_things_predicted', 0.0):.1f} % of pixels predicted as things)"
     if row.get("bootstrapping"):
         parts.append("bootstrapping" + (", teacher hand-over" if row.get("handover") else ""))
     if "seconds" in row:
@@ -171,12 +174,19 @@ def train_one_epoch(backbone, student, teacher, optimizer, train_loader, cfg: Tr
             "bootstrapping": plan.bootstrapping, "handover": plan.handover}
 
 
-def evaluate(backbone, decoder, val_loader, n_classes: int, device, precision: str = "fp32") -> dict:
-    """The decoder's val scores over all ranks: {'val_miou', 'val_pixel_accuracy'} (leaves it in eval mode)."""
+def evaluate(backbone, decoder, val_loader, n_classes: int, device, precision: str = "fp32", class_kinds=()) -> dict:
+    """The decoder's val scores over all ranks: {'val_miou', 'val_pixel_accuracy'} (leaves it in eval mode); where
+    `class_kinds` says which classes are things: also 'val_miou_things', 'val_miou_stuff' and 'val_things_predicted',
+    the percentage of the labelled val pixels predicted as a thing class (after the matching)."""
     conf = dist.all_sum(Segmenter(backbone, decoder).confusion(val_loader, n_classes, device, "val",
                                                                precision=precision))
     s = segmentation_scores(conf)
-    return {"val_miou": s["miou"], "val_pixel_accuracy": s["pixel_accuracy"]}
+    row = {"val_miou": s["miou"], "val_pixel_accuracy": s["pixel_accuracy"]}
+    row.update({f"val_{k}": v for k, v in miou_by_kind(s["per_class_iou"], class_kinds).items()})
+    things = [c for c, kind in enumerate(class_kinds) if kind == "thing"]
+    if things:
+        row["val_things_predicted"] = 100 * float(s["matched_confusion"][things].sum()) / max(int(conf.sum()), 1)
+    return row
 
 
 def wrap_ddp(decoder, device):
@@ -203,11 +213,12 @@ def resume_decoder(checkpoint, run: dict, epochs: int, device, on_epoch=None, **
 
 
 def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig, things_only: bool,
-                  n_classes: int, device, on_epoch=None, on_step=None, checkpoint: str | Path | None = None):
+                  n_classes: int, device, on_epoch=None, on_step=None, checkpoint: str | Path | None = None,
+                  class_kinds=()):
     """Train `decoder` on the frozen `backbone`. Returns (best state dict, history list).
 
     The best epoch is chosen by mIoU + pixel accuracy on val_loader when given, else the last epoch is
-    kept. The backbone features of each augmented batch are computed once and shared by the student
+    kept (`class_kinds`: each class's kind, for the per-epoch thing and stuff scores). The backbone features of each augmented batch are computed once and shared by the student
     and the teacher. on_epoch(row) sees each epoch's history row as it is done (on a resumed run, first the rows
     of the epochs done before); on_step(epoch, losses) each step's losses ({'loss', 'loss_cat',
     'loss_uncertainty', 'loss_cls_emb'}, this process's batch).
@@ -243,7 +254,7 @@ def train_decoder(backbone, decoder, train_loader, val_loader, cfg: TrainConfig,
                               objects["perm_gen"], device, on_step, kept)
         score = float(epoch)
         if val_loader is not None:
-            row.update(evaluate(backbone, decoder, val_loader, n_classes, device, cfg.precision))
+            row.update(evaluate(backbone, decoder, val_loader, n_classes, device, cfg.precision, class_kinds))
             score = row["val_miou"] + row["val_pixel_accuracy"]
         row["seconds"] = time.time() - t0
         run["history"].append(row)
