@@ -86,7 +86,7 @@ def main(stage):
     precision = stage.precision()
     centroids = torch.from_numpy(read_centroids(centroids_path, task.n_things, task.n_stuff, task.granularity)).to(dev)
     data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=cfg.decode)
-    patch = stage.params.backbone.patch_size
+    patch = stage.params.backbone.patch
     h = R // patch
     scale = 1.0 / published_pseudo_batch(task.dataset) if cfg.grad_scale == "auto" else cfg.grad_scale
     log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, trunk in %s, %d process(es)",
