@@ -64,7 +64,8 @@ def main(stage):
     backbone, precision = stage.backbone(), stage.precision()
     centroids = torch.from_numpy(read_centroids(centroids_path, task.n_things, task.n_stuff, task.granularity)).to(dev)
     labelled = split_is_labelled(index, "train", task)
-    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=cfg.decode)
+    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=cfg.decode,
+                        root=stage.params.dataset.root)
     h = R // backbone.patch_size
     scale = 1.0 / published_pseudo_batch(task.dataset) if cfg.grad_scale == "auto" else cfg.grad_scale
     log.info("%d train images at %d px, %d concepts, maps %dx%d, gradient scale %.4g, trunk in %s, %d process(es)",
