@@ -270,7 +270,7 @@ def test_an_experiment_seen_before_runs_nothing_but_prepare(project):
 def test_a_teammate_with_the_dataset_elsewhere_pulls_and_runs_nothing_but_prepare(project, tmp_path):
     """`dvc push --run-cache` to the shared remote; a fresh clone whose dataset is a copy at another path with other
     modification times (dataset.root set in its params.yaml) pulls, and `dvc repro` runs prepare only, to the same
-    index bytes; the granularity-12 experiment comes from the shared run cache."""
+    index bytes."""
     root, _, _ = project
     dvc(root, "push", "--run-cache")
     clone = tmp_path / "teammate"
@@ -287,9 +287,6 @@ def test_a_teammate_with_the_dataset_elsewhere_pulls_and_runs_nothing_but_prepar
     import hashlib
     assert hashlib.md5((clone / "outputs" / "index.json").read_bytes()).hexdigest() == index_md5
     assert not (data / "meta.json").stat().st_mtime_ns == (root / "data/synthetic/meta.json").stat().st_mtime_ns
-    assert what_ran(dvc(clone, "exp", "run", "-S", "granularity=12", **env)) == {
-        "prepare": "ran", "extract": "unchanged", **dict.fromkeys(["cluster", "pseudo", "train", "evaluate"],
-                                                                  "run cache")}
 
 
 QUEUE_TINY = {
