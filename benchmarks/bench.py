@@ -417,7 +417,8 @@ def bench_load(kind, decode: str = "host"):
                 maps = tmp / "pseudo_masks.h5"
                 K, h = (171 if s["full"] else 16), s["R"] // 8
                 write_mask_file(maps, fake_pseudo_parts(len(index["splits"]["train"]), K, h))
-            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None, decode=decode)
+            data = SplitDataset(index, "train", size, maps=PseudoMaskReader(maps) if maps else None, decode=decode,
+                                root=index["root"])
             batch = s["batch"] * (4 if kind != "extract" else 1)
             new = loader_throughput(data, batch, s["workers"], device)
             old = loader_throughput(data, batch, 0, device, passes=1) if BASELINES else None
@@ -446,12 +447,14 @@ def bench_load_device_decode(s, device, repeats):
     with tempfile.TemporaryDirectory() as tmp:
         index = jpeg_split(Path(tmp), s["load_images"])
         batch, size = s["batch"] * 4, s["R"]
-        new = loader_throughput(SplitDataset(index, "train", size, decode="device"), batch, s["workers"], device)
+        data = SplitDataset(index, "train", size, decode="device", root=tmp)
+        new = loader_throughput(data, batch, s["workers"], device)
         paths = [Path(tmp) / e["image"] for e in index["splits"]["train"][-batch:]]
         decoded = decode_resize([read_bytes(p) for p in paths], size, device)
         pil = torch.stack([load_rgb(p, size) for p in paths])
         diff = (decoded.cpu().float() - pil.float()).abs().mean().item()
-        old = loader_throughput(SplitDataset(index, "train", size), batch, s["workers"], device) if BASELINES else None
+        host = SplitDataset(index, "train", size, root=tmp)
+        old = loader_throughput(host, batch, s["workers"], device) if BASELINES else None
     return new, old, {"size": size, "workers": s["workers"], "batch": batch, "cpus": os.cpu_count(),
                       "mean_abs_diff": round(diff, 3), "baseline": "PIL in the workers (decode: host)",
                       "unit": "images/s delivered to the device"}

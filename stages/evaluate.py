@@ -112,7 +112,8 @@ def main(stage, args):
     decoder.to(stage.device).eval()
     entries = index["splits"]["val"]
     labelled = split_is_labelled(index, "val", task)
-    data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None)
+    data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None,
+                        root=stage.params.dataset.root)
     names = list(task.class_names)
     log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
              f"{len(names)} classes" if labelled else "no labels: predictions only", precision)

@@ -21,7 +21,7 @@ def main(stage):
         sizes = THINGS_ONLY_WINDOW_SIZES if things_only else THING_STUFF_WINDOW_SIZES
     dev, index, out = stage.device, stage.index, stage.out("feature_bank.h5")
     backbone, precision = stage.backbone(), stage.precision()
-    data = SplitDataset(index, "train", 2 * R, decode=cfg.decode)
+    data = SplitDataset(index, "train", 2 * R, decode=cfg.decode, root=stage.params.dataset.root)
     windows = crop_windows(2 * R // backbone.patch_size, sizes)
     groups = groups_of(things_only)
     log.info("%d train images at %d px, %d windows per image (sizes %s), crops at %d px%s, %s, %d process(es)",

@@ -35,8 +35,8 @@ def main(stage):
     backbone.eval()
     settings = ProbeSettings(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, seed=p.seed,
                              forward_batch=cfg.forward_batch, precision=precision, cache_bytes=cfg.cache_gb * 1e9, num_workers=stage.workers())
-    train = SplitDataset(index, "train", R, lut=task.label_lut)
-    val = SplitDataset(index, "val", R, lut=task.label_lut)
+    train = SplitDataset(index, "train", R, lut=task.label_lut, root=p.dataset.root)
+    val = SplitDataset(index, "val", R, lut=task.label_lut, root=p.dataset.root)
     n_classes = len(task.class_names)
     log.info("linear probe: %d classes, %d train / %d val images at %d px, %d epochs, batch %d, lr %g, %s",
              n_classes, len(train), len(val), R, cfg.epochs, cfg.batch_size, cfg.lr, precision)

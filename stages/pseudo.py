@@ -85,7 +85,8 @@ def main(stage):
     backbone = stage.backbone() if oracle is None else None  # the oracle reads labels only
     precision = stage.precision()
     centroids = torch.from_numpy(read_centroids(centroids_path, task.n_things, task.n_stuff, task.granularity)).to(dev)
-    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=cfg.decode)
+    data = SplitDataset(index, "train", R, lut=task.label_lut if labelled else None, decode=cfg.decode,
+                        root=stage.params.dataset.root)
     patch = stage.params.backbone.patch
     h = R // patch
     scale = 1.0 / published_pseudo_batch(task.dataset) if cfg.grad_scale == "auto" else cfg.grad_scale

@@ -29,13 +29,15 @@ def main(stage):
     task, R, index, masks = p.task, p.dataset.R, stage.index, stage.dep("pseudo_masks.h5")
     backbone = stage.backbone()
     check_pseudo_masks(masks, task.n_concepts, task.granularity)
-    train_data = SplitDataset(index, "train", R, maps=PseudoMaskReader(masks), decode=cfg.decode)
+    train_data = SplitDataset(index, "train", R, maps=PseudoMaskReader(masks), decode=cfg.decode,
+                              root=p.dataset.root)
     val_loader = None
     labelled = split_is_labelled(index, "val", task)
     if cfg.select_by == "val" and not labelled:
         log.warning("train.select_by is 'val' but the val split has no labels: keeping the last epoch")
     elif cfg.select_by == "val":
-        _, val_loader = my_loader(SplitDataset(index, "val", R, lut=task.label_lut), cfg.batch_size, stage.workers())
+        val_data = SplitDataset(index, "val", R, lut=task.label_lut, root=p.dataset.root)
+        _, val_loader = my_loader(val_data, cfg.batch_size, stage.workers())
     decoder = build_decoder(task.n_outputs, backbone.embed_dim, p.seed, cfg.dropout)
     tc = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
                      loss_weights=tuple(cfg.loss_weights), bootstrap_start=cfg.bootstrap_start,

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -22,3 +24,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _file_hash_cache(tmp_path_factory):
+    """prepare's file-hash cache (transfgu.data.file_hashes) in a temporary folder, for the stages the tests run in
+    process and in subprocesses, not in the user's ~/.cache."""
+    saved = os.environ.get("TRANSFGU_HASH_CACHE")
+    os.environ["TRANSFGU_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash_cache") / "file-hashes.sqlite")
+    yield
+    if saved is None:
+        os.environ.pop("TRANSFGU_HASH_CACHE", None)
+    else:
+        os.environ["TRANSFGU_HASH_CACHE"] = saved

@@ -208,7 +208,7 @@ def test_labels_pixel_by_pixel(tree, name, g):
     seen = set()
     n_square = 0
     for split in ("train", "val"):
-        data = SplitDataset(index, split, 32, lut=task.label_lut)
+        data = SplitDataset(index, split, 32, lut=task.label_lut, root=cfg.root)
         assert len(data) == len(index["splits"][split]) >= 2
         for i, e in enumerate(index["splits"][split]):
             path = root / e["label"]
@@ -249,7 +249,7 @@ def test_folder_with_classes_yaml(tree, kinds, g, names, only, n_outputs, remap)
     np.testing.assert_array_equal(task.label_lut[:256], table)
     index = prepare_index(cfg, 0)
     for split in ("train", "val"):
-        data = SplitDataset(index, split, 32, lut=task.label_lut)
+        data = SplitDataset(index, split, 32, lut=task.label_lut, root=cfg.root)
         for i, e in enumerate(index["splits"][split]):
             raw = raw_label(root / e["label"])
             item = data[i]
@@ -451,7 +451,7 @@ def test_truncated_image(copy_tree, key, name, rel, split):
     index = prepare_index(cfg, 0)  # not checked: listed, and reading it fails naming the file
     i = [e["image"] for e in index["splits"][split]].index(rel)
     with pytest.raises(OSError, match=re.escape(str(path))):
-        SplitDataset(index, split, 32, lut=task.label_lut)[i]
+        SplitDataset(index, split, 32, lut=task.label_lut, root=cfg.root)[i]
 
     checked = prepare_index(cfg, 0, check_images=True)
     assert rel not in [e["image"] for e in checked["splits"][split]]
@@ -490,7 +490,7 @@ def test_label_value_outside_the_map(copy_tree, key, name, g, rel, value):
     index = prepare_index(cfg, 0)
     i = [e["label"] for e in index["splits"]["val"]].index(rel)
     with pytest.raises(ValueError, match=re.escape(str(path))):
-        SplitDataset(index, "val", 32, lut=task.label_lut)[i]
+        SplitDataset(index, "val", 32, lut=task.label_lut, root=cfg.root)[i]
 
 
 def test_colour_label_file_is_an_error(copy_tree):
@@ -573,7 +573,7 @@ def test_folder_without_labels(tree):
     assert dataset_is_things_only(only) is True
 
     index = prepare_index(dataset_cfg("folder", root, n_things=2), 0)
-    item = SplitDataset(index, "val", 16, lut=None)[0]
+    item = SplitDataset(index, "val", 16, lut=None, root=root)[0]
     assert "label" not in item and item["image"].shape == (3, 16, 16)
     assert all(e["label"] is None for s in ("train", "val") for e in index["splits"][s])
 

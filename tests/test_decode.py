@@ -58,7 +58,7 @@ def test_split_dataset_device_decode_through_workers(tmp_path):
     """Workers return the bytes, the collate keeps them as a list, images_on decodes them at the dataset's size:
     the same images as decoding the files directly, and close to the host path's."""
     index = jpeg_tree(tmp_path, [(48, 64), (30, 40), (48, 64), (20, 20), (36, 36)])
-    data = SplitDataset(index, "train", 24, decode="device")
+    data = SplitDataset(index, "train", 24, decode="device", root=tmp_path)
     loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=2, collate_fn=data.collate)
     batches = list(loader)
     assert [len(b["jpeg"]) for b in batches] == [3, 2]
@@ -68,7 +68,7 @@ def test_split_dataset_device_decode_through_workers(tmp_path):
     images = torch.cat([images_on(b, torch.device("cpu")) for b in batches])
     paths = [tmp_path / e["image"] for e in index["splits"]["train"]]
     assert torch.equal(images, decode_resize([read_bytes(p) for p in paths], 24, "cpu"))
-    host = SplitDataset(index, "train", 24)
+    host = SplitDataset(index, "train", 24, root=tmp_path)
     host_images = torch.cat([images_on(b, "cpu") for b in torch.utils.data.DataLoader(host, batch_size=3,
                                                                                       collate_fn=host.collate)])
     assert host_images.shape == images.shape
@@ -81,8 +81,8 @@ def test_device_decode_refuses_other_files_naming_the_file(tmp_path):
     index["splits"]["train"].append({"id": "x", "image": "x.png"})
     with pytest.raises(InputValueError, match=r"decode: device decodes JPEG files only, and .*x\.png is not one "
                                               r"\(use decode: host\)"):
-        SplitDataset(index, "train", 16, decode="device")
-    SplitDataset(index, "train", 16)  # the host path reads any image
+        SplitDataset(index, "train", 16, decode="device", root=tmp_path)
+    SplitDataset(index, "train", 16, root=tmp_path)  # the host path reads any image
 
 
 def test_stages_with_device_decode(tmp_path, monkeypatch, stage_modules):  # noqa: F811

@@ -151,7 +151,7 @@ def test_pseudo_stage_writes_oracle_masks_whose_argmax_is_the_ground_truth(tmp_p
     from transfgu.data.dataset import SplitDataset
     p = load_params(tmp_path / "params.yaml")
     index = json.loads((tmp_path / "outputs" / "index.json").read_text())
-    data = SplitDataset(index, "train", 64, lut=p.task.label_lut)
+    data = SplitDataset(index, "train", 64, lut=p.task.label_lut, root=p.dataset.root)
     with h5py.File(tmp_path / "outputs" / "pseudo_masks.h5", "r") as h5:
         for i in range(len(data)):
             label = data[i]["label"]

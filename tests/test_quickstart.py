@@ -42,10 +42,11 @@ def quickstart_block() -> str:
 
 
 def recovery_line(block: str) -> str:
-    """The command the block gives (as a comment) for a failed `dvc exp run`."""
+    """The command the block gives (as an indented comment) for a failed `dvc exp run`, without its comment."""
     lines = block.splitlines()
     i = next(i for i, line in enumerate(lines) if "failed `dvc exp run`" in line)
-    return lines[i + 1].lstrip("#").strip()
+    line = next(line for line in lines[i + 1:] if line.startswith("#   "))
+    return shlex.join(shlex.split(line.lstrip("#"), comments=True))
 
 
 def bash(script: str, cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
@@ -141,17 +142,23 @@ def test_quickstart_runs_as_printed(quickstart):
 
 def test_recovery_line_after_a_failed_experiment(quickstart):
     """A failed `dvc exp run` leaves the failed stage's outputs deleted (here prepare's: the params check stops it
-    first, in one line); the README's recovery line brings the workspace back to a complete, up-to-date state."""
+    first, in one line) and its -S value in params.yaml; the README's recovery line, the same run with the value
+    fixed, keeps the workspace's other values (granularity 12, from the block's experiment; `git checkout
+    params.yaml` would lose it) and brings everything back from DVC's run cache: nothing runs but prepare."""
     root, env, block, _ = quickstart
     failed = bash("source .venv/bin/activate && dvc exp run -S train.select_by=bogus", root, env, check=False)
     text = failed.stdout + failed.stderr
     assert failed.returncode != 0 and "error: params.yaml: train.select_by: expected one of val, last, got 'bogus'" \
         in text and "Traceback" not in text, text[-3000:]
     assert not (root / "outputs" / "index.json").exists()
+    assert "bogus" in (root / "params.yaml").read_text()
     line = recovery_line(block)
-    assert line == "git checkout params.yaml && dvc repro"
-    bash(f"source .venv/bin/activate && {line}", root, env)
-    assert "bogus" not in (root / "params.yaml").read_text()
+    assert line == "dvc exp run -S train.select_by=val"
+    out = bash(f"source .venv/bin/activate && {line}", root, env)
+    text = out.stdout + out.stderr
+    assert re.findall(r"Running stage '(\w+)'", text) == ["prepare"], text[-3000:]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    assert params["train"]["select_by"] == "val" and params["granularity"] == 12
     assert (root / "outputs" / "decoder.pt").is_file() and (root / "outputs" / "dvclive" / "metrics.json").is_file()
     status = json.loads(bash("source .venv/bin/activate && dvc status --json", root, env).stdout)
     assert status == {"prepare": ["always changed"]}, status  # prepare re-reads the data on every repro

@@ -176,6 +176,16 @@ def _data_checked(info: ValidationInfo) -> bool:
     return (info.context or {}).get("check_data", True)
 
 
+def _outside_queued_workspace(path) -> str:
+    """A hint for a relative path that is missing in a queued `dvc exp run`'s temporary workspace (DVC sets DVC_ROOT
+    to the project it came from): that workspace holds the files git tracks, not data/ or weight/. '' otherwise."""
+    origin = os.environ.get("DVC_ROOT")
+    if Path(path).is_absolute() or not origin or Path(origin).resolve() == Path.cwd().resolve():
+        return ""
+    return (f"; this is a queued experiment, run in DVC's temporary copy {Path.cwd()} of the files git tracks: give "
+            f"an absolute path, e.g. {Path(origin).resolve() / path} (docs/usage.md, 'Sweeps')")
+
+
 class Params(Section):
     """params.yaml. Built by load_params / validate_params, which give the rules below the file's name."""
     seed: NonNegInt
@@ -201,7 +211,12 @@ class Params(Section):
                                   f"needed by dataset.name {d.name}")
         if d.name == FOLDER and _data_checked(info) and not Path(d.root).is_dir():
             raise InputFileNotFound(f"{_file(info)}: dataset.root: {d.root} is not a folder (dataset.name folder "
-                                    f"reads <root>/images/train and <root>/images/val; docs/usage.md, 'Your own images')")
+                                    f"reads <root>/images/train and <root>/images/val; docs/usage.md, 'Your own images')"
+                                    + _outside_queued_workspace(d.root))
+        if d.name not in SYNTHETIC and _data_checked(info) and not Path(d.root).is_dir() \
+                and _outside_queued_workspace(d.root):
+            raise InputFileNotFound(f"{_file(info)}: dataset.root: {d.root} is not a folder"
+                                    + _outside_queued_workspace(d.root))
         return self
 
     @model_validator(mode="after")
@@ -229,7 +244,7 @@ class Params(Section):
         checkpoint = self.backbone.checkpoint
         if checkpoint and not Path(checkpoint).is_file():
             raise InputFileNotFound(f"{_file(info)}: backbone.checkpoint: {checkpoint} does not exist (docs/usage.md, "
-                                    f"'Backbone weights'); null = random weights")
+                                    f"'Backbone weights'); null = random weights" + _outside_queued_workspace(checkpoint))
         return self
 
     @property

@@ -15,11 +15,12 @@ from .images import JPEG_EXTENSIONS, decode_resize, load_label, load_rgb, read_b
 
 class SplitDataset(torch.utils.data.Dataset):
     """Images of one split at a fixed square size, with labels (through the task's lut) and/or the
-    per-image pseudo maps of a reader when given (`maps`)."""
+    per-image pseudo maps of a reader when given (`maps`). The index lists paths relative to the dataset's
+    `root`, which comes from params.yaml (`dataset.root`), not from the index."""
 
     def __init__(self, index: dict, split: str, size: int, lut: np.ndarray | None = None, maps=None,
-                 decode: str = "host"):
-        self.root = Path(index["root"])
+                 decode: str = "host", *, root: str | Path):
+        self.root = Path(root)
         self.entries = index["splits"][split]
         self.size, self.lut = size, lut
         self.maps = maps  # maps[i] -> image i's pseudo maps (K, h, w), e.g. transfgu.pseudo_store.PseudoMaskReader

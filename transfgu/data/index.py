@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputFileNotFound
 from . import adapters, synthetic
+from .file_hashes import file_hashes
 from .images import unreadable
 from .tasks import DATASETS, FOLDER, Task
 
@@ -53,8 +54,10 @@ def list_split(dataset: DatasetConfig, split: str) -> list[dict]:
 
 def prepare_index(dataset: DatasetConfig, seed: int, check_images: bool = False, num_workers: int = 0) -> dict:
     """Make the dataset ready (the synthetic one is generated under root) and list its splits:
-    {"dataset", "root", "splits": {split: [{"id", "image", "label"}]}, "skipped": {split: [...]}}, paths
-    relative to root. With check_images, every image is decoded and unreadable ones are left out."""
+    {"dataset", "splits": {split: [{"id", "image", "label"}]}, "skipped": {split: [...]}, "fingerprint"}, paths
+    relative to `dataset.root`, which the index does not record (readers take it from params.yaml: the same
+    files at another root give the same index). With check_images, every image is decoded and unreadable ones
+    are left out; `num_workers` threads decode them and hash new files."""
     root = Path(dataset.root)
     if dataset.synthetic is not None and dataset.name in ("synthetic", "synthetic-things"):
         s = dataset.synthetic
@@ -67,24 +70,26 @@ def prepare_index(dataset: DatasetConfig, seed: int, check_images: bool = False,
             skipped[split] = sorted(bad)
             entries = [e for e in entries if e["image"] not in bad]
         splits[split] = entries
-    return {"dataset": dataset.name, "root": str(root), "splits": splits, "skipped": skipped,
-            "fingerprint": dataset_fingerprint(dataset, splits)}
+    return {"dataset": dataset.name, "splits": splits, "skipped": skipped,
+            "fingerprint": dataset_fingerprint(dataset, splits, num_workers)}
 
 
-def dataset_fingerprint(dataset: DatasetConfig, splits: dict) -> dict:
+def dataset_fingerprint(dataset: DatasetConfig, splits: dict, num_workers: int = 0) -> dict:
     """What the index records of the files the pipeline reads, so that any change to them changes the index
-    (and DVC re-runs what depends on it): the path, size and modification time of every listed image and label
-    file, and the content of classes.yaml and of the image-list files. A stat per file, no reading: fast on
-    COCO's 246k files. (A file rewritten with the same size and modification time goes unnoticed.)"""
+    (and DVC re-runs what depends on it): the path relative to the root and the content hash of every listed
+    image and label file, and the content of classes.yaml and of the image-list files. Where the dataset lives
+    and when its files were written are not part of it: a copy at another root, with other modification times,
+    gives the same index. The hashes come from a cache kept by stat (transfgu.data.file_hashes): a file is read
+    only when it is new or its size, modification time or inode changed, so an unchanged dataset costs a stat
+    per file (COCO's 246k files: seconds)."""
     root = Path(dataset.root)
-    digest, n_files, n_bytes = hashlib.sha256(), 0, 0
-    for split in sorted(splits):
-        for e in splits[split]:
-            for rel in (e["image"], e.get("label")):
-                if rel:
-                    st = os.stat(root / rel)
-                    digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                    n_files, n_bytes = n_files + 1, n_bytes + st.st_size
+    rels = [rel for split in sorted(splits) for e in splits[split] for rel in (e["image"], e.get("label")) if rel]
+    hashes = file_hashes([root / rel for rel in rels], num_workers)
+    digest, n_bytes = hashlib.sha256(), 0
+    for rel, h in zip(rels, hashes):
+        digest.update(f"{rel}\0{h}\n".encode())
+        n_bytes += os.stat(root / rel).st_size
+    n_files = len(rels)
     for path in [root / "classes.yaml"] + [image_list_of(dataset, split) for split in ("train", "val")]:
         if path is not None and path.is_file():
             digest.update(f"{path.name}\0".encode() + path.read_bytes())
