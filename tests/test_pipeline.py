@@ -127,7 +127,7 @@ def test_every_plot_renders_with_data_named_fields_and_axis_titles(project):
     loss = plots["Training loss (per step)"][0]["content"]["data"]["values"]
     assert [int(r["step"]) for r in loss] == list(range(1, 10))  # 3 epochs x 3 steps: a point per step here
     live = json.loads((root / "outputs" / "dvclive" / "metrics.json").read_text())
-    assert live["epoch"] == 2 and live["step"] == 9 and set(live["val"]) == {"miou", "pixel_accuracy"}
+    assert live["epoch"] == 2 and live["step"] == 9 and set(live["val"]) == {"miou", "pixel_accuracy", "miou_things", "miou_stuff", "things_predicted"}
 
 
 def test_thing_stuff_split_of_the_scores(project):

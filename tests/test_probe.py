@@ -161,6 +161,8 @@ def test_stage_writes_the_linear_metrics(project):
     assert sorted(metrics) == ["linear_miou", "linear_pixel_accuracy"]
     assert 0 < metrics["linear_miou"] <= 100 and 0 < metrics["linear_pixel_accuracy"] <= 100
     assert not list((root / "outputs").glob(".probe_metrics.json.checkpoint-*"))  # removed once written
+    saved = torch.load(root / "outputs" / "probe.pt", weights_only=True)  # the layer, with the classes it predicts
+    assert saved["state_dict"]["weight"].shape[:2] == (6, 192) and len(saved["classes"]) == 6
 
 
 def test_split_without_labels_is_one_line_and_no_probe_numbers(project, tmp_path, caplog):
@@ -173,6 +175,8 @@ def test_split_without_labels_is_one_line_and_no_probe_numbers(project, tmp_path
     lines = [r.getMessage() for r in caplog.records if "no linear probe" in r.getMessage()]
     assert len(lines) == 1 and "the train and val splits have no labels" in lines[0], lines
     assert json.loads((tmp_path / "outputs" / "probe_metrics.json").read_text()) == {}
+    saved = torch.load(tmp_path / "outputs" / "probe.pt", weights_only=True)
+    assert saved["state_dict"] is None and "no labels" in saved["why_none"]
 
 
 def test_disabled_probe_writes_no_numbers(project, tmp_path):
