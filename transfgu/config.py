@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 from pydantic.fields import FieldInfo
 
-from .choices import BACKENDS, DECODES, PRECISIONS
+from .choices import BACKENDS, DECODES, PRECISIONS, PROTOCOLS
 from .data.tasks import DATASETS, FOLDER, Task, dataset_is_things_only, resolve_task
 from .errors import BadInput, InputFileNotFound, InputValueError
 from .models.archs import ARCHS
@@ -127,6 +127,8 @@ class EvaluateConfig(Section):
     patch_kmeans_baseline: bool = True
     precision: Precision = "auto"
     num_workers: Workers = "auto"
+    crf: bool = True                            # also score the dense-CRF-refined predictions (crf_* metrics)
+    protocol: Literal[PROTOCOLS] = "transfgu"  # val resize / crop: TransFGU's square resize or STEGO's
 
 
 class LauncherConfig(Section):
