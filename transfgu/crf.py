@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -76,6 +78,27 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In a worker: end this process when the process that started the pool is gone (killed with SIGKILL, say),
+    so that no worker outlives it holding its output pipes. Linux asks the kernel (PR_SET_PDEATHSIG); elsewhere a
+    thread checks every half second."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # gone before the request took effect
+        os._exit(1)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _refine(job) -> np.ndarray:  # in a worker process
     return dense_crf(*job)
 
@@ -104,7 +127,8 @@ class CrfPool:
         if self.workers > 1:
             methods = multiprocessing.get_all_start_methods()
             context = multiprocessing.get_context("fork" if "fork" in methods else None)
-            self.executor = ProcessPoolExecutor(self.workers, mp_context=context)
+            self.executor = ProcessPoolExecutor(self.workers, mp_context=context, initializer=_exit_with_parent,
+                                                initargs=(os.getpid(),))
 
     def refine(self, jobs: Iterable) -> Iterator[np.ndarray]:
         jobs = ((image, probs, self.kernels) for image, probs in jobs)
