@@ -231,3 +231,31 @@ def test_predict_crf_without_the_extra_is_one_line(tmp_path, monkeypatch, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "--crf needs" in err[0] and "pip install 'transfgu[crf]'" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow  # starts a Python process
+def test_workers_end_with_a_killed_parent(tmp_path):
+    """A process killed with SIGKILL while its pool is up leaves no worker behind holding its output pipe (which
+    kept `subprocess.run(capture_output=True)` of a killed evaluate waiting)."""
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "kill.py"
+    script.write_text(
+        "import os, signal, numpy as np\n"
+        "from transfgu.crf import CrfPool\n"
+        "pool = CrfPool(2)\n"
+        "list(pool.refine([(np.zeros((16, 16, 3), np.uint8), np.full((2, 16, 16), 0.5, np.float32))] * 4))\n"
+        "print(*[p.pid for p in pool.executor._processes.values()], flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == -9, proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    import time
+    time.sleep(1.5)
+    for pid in pids:  # gone, or a zombie waiting for whatever process adopted it to reap it
+        status = Path(f"/proc/{pid}/status")
+        state = status.read_text().split("State:")[1].split()[0] if status.exists() else "gone"
+        assert state in ("gone", "Z", "X"), (pid, state)
