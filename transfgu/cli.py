@@ -124,7 +124,7 @@ def cmd_predict(args):
         raise InputValueError(f"--size / dataset.R: expected a multiple of the patch size {patch}, got {size}")
     seed = params.seed if params else 0
     if args.crf:
-        require_pydensecrf("--crf")  # a missing install extra: one line, before any work
+        require_pydensecrf("--crf", "or leave --crf out")  # a missing install extra: one line, before any work
     decoder_path = Path(args.decoder)
     if not decoder_path.is_file():
         raise InputFileNotFound(f"{decoder_path} not found: train one with `dvc repro` or pass --decoder")

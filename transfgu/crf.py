@@ -45,14 +45,14 @@ class CrfKernels:
 PUBLISHED = CrfKernels()
 
 
-def require_pydensecrf(what: str = "evaluate.crf: true"):
+def require_pydensecrf(what: str = "evaluate.crf: true", instead: str = "or set evaluate.crf: false"):
     """The pydensecrf modules (densecrf, utils), or a one-line MissingExtra naming the install extra."""
     try:
         import pydensecrf.densecrf as densecrf
         import pydensecrf.utils as utils
     except ImportError as e:
         raise MissingExtra(f"{what} needs the dense CRF package, which is not installed ({e}): {EXTRA} "
-                           f"(pydensecrf2, built from source with a C++ compiler)") from None
+                           f"(pydensecrf2, built from source with a C++ compiler), {instead}") from None
     return densecrf, utils
 
 
