@@ -4,8 +4,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(CURDIR)/$(VENV)/bin
-# install extras: test, and the faiss build (cpu, gpu-cu12 or gpu-cu13; see README 'Installing')
-EXTRAS ?= test,cpu
+# install extras: test, and the faiss build (cpu, gpu-cu12 or gpu-cu13; see README 'Installing'), and crf (the dense
+# CRF that evaluate.crf, on by default, needs)
+EXTRAS ?= test,cpu,crf
 
 .PHONY: install repro test test-all
 

@@ -3,7 +3,8 @@ matrix, the cluster -> class matching, and pictures (docs/method.md section 5). 
 the predictions only.
 
 metrics.json (the DVC metric) holds the headline numbers only (miou, pixel_accuracy, the patch k-means baseline's,
-miou_things / miou_stuff); eval_details.json the counts; cluster_classes.json which class each decoder output
+miou_things / miou_stuff, and with evaluate.crf the same scores of the dense-CRF-refined predictions, crf_*, matched
+on their own as STEGO does); eval_details.json the counts; cluster_classes.json which class each decoder output
 stands for (read by `transfgu predict`).
 
 Every batch's prediction PNGs go to a folder beside its piece (transfgu/pieces.py), which keeps the batch's
@@ -16,7 +17,9 @@ batches without a piece (docs/usage.md, "Interrupted runs").
                                                        # a published decoder -> outputs/published/<name>/
 """
 import argparse
+import contextlib
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,13 @@ from PIL import Image
 
 from transfgu import dist
 from transfgu.baselines import patch_kmeans_confusion
+from transfgu.crf import CrfPool, available_cpus, require_pydensecrf
 from transfgu.data.dataset import SplitDataset
 from transfgu.data.index import split_is_labelled
 from transfgu.errors import InputFileNotFound
 from transfgu.io import atomic_output, link_tree, write_csv, write_json
 from transfgu.matching import match_clusters, unmatched_clusters, write_cluster_classes
-from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores
+from transfgu.metrics import confusion_matrix, miou_by_kind, segmentation_scores, upsample_argmax
 from transfgu.models.decoder import build_decoder, load_decoder
 from transfgu.segmenter import Segmenter
 from transfgu.pieces import gather_batches
@@ -45,17 +49,34 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def predict_split(stage, segmenter, precision, data, pieces, n_pictures, labelled, entries):
-    """Every batch of the val split: its prediction PNGs, confusion counts and the pictures' data, in pieces."""
+def crf_workers(stage) -> int:
+    """Processes of the dense CRF: evaluate.num_workers when a number, else (auto) this process's share of the CPUs."""
+    if stage.config.num_workers != "auto":
+        return max(1, stage.config.num_workers)
+    return max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def predict_split(stage, segmenter, precision, data, pieces, n_pictures, labelled, entries, crf=None):
+    """Every batch of the val split: its prediction PNGs, confusion counts and the pictures' data, in pieces;
+    with `crf` (a CrfPool) also the confusion counts and the pictures' data of the CRF-refined predictions."""
     task, dev = stage.params.task, stage.device
     n_classes = len(task.class_names)
     predictions_dir = pieces.dir / "predictions"  # every rank writes its images' predictions there
     predictions_dir.mkdir(exist_ok=True)
     for batch, save in pieces.batches("evaluate"):
-        pred = segmenter.predict(batch["image"].to(dev).float() / 255, precision)
+        images = batch["image"].to(dev).float() / 255
+        with torch.no_grad():
+            logits, _ = segmenter(images, precision)
+        pred = upsample_argmax(logits, images.shape[-2:])  # what Segmenter.predict gives
         conf = np.zeros((1, task.n_outputs, n_classes), dtype=np.int64)
         if labelled:
             conf[0] = confusion_matrix(pred, batch["label"].to(dev), task.n_outputs, n_classes)
+        extra = {}
+        if crf is not None:  # the CRF on the image the model saw, at its size (docs/method.md, "Dense CRF")
+            refined = torch.from_numpy(crf.labels(batch["image"].permute(0, 2, 3, 1).numpy(), logits))
+            extra["crf_confusion"] = np.zeros_like(conf)
+            if labelled:
+                extra["crf_confusion"][0] = confusion_matrix(refined, batch["label"], task.n_outputs, n_classes)
         pred = pred.cpu().numpy().astype(np.uint8)
         index_of = batch["index"].numpy()
         for j, i in enumerate(index_of.tolist()):  # the PNGs first: a batch's piece says they are complete
@@ -65,7 +86,9 @@ def predict_split(stage, segmenter, precision, data, pieces, n_pictures, labelle
                    "kept_pred": pred[kept]}
         if labelled:
             picture["kept_label"] = batch["label"][kept].numpy()
-        save({"confusion": conf, **picture})
+        if crf is not None:
+            picture["kept_crf"] = refined[kept].numpy().astype(np.uint8)
+        save({"confusion": conf, **extra, **picture})
     return predictions_dir
 
 
@@ -103,6 +126,8 @@ def main(stage, args):
     decoder_path = args.decoder or stage.dep("decoder.pt")
     outputs = stage.out("metrics.json").parent
     out = args.out or (outputs / "published" / decoder_path.stem if args.decoder else outputs)
+    if cfg.crf:
+        require_pydensecrf()  # a missing install extra: one line, before the backbone loads
     backbone, precision = stage.backbone(), stage.precision()
     index = stage.index
     if not decoder_path.is_file():
@@ -112,23 +137,30 @@ def main(stage, args):
     decoder.to(stage.device).eval()
     entries = index["splits"]["val"]
     labelled = split_is_labelled(index, "val", task)
-    data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None,
+    data = SplitDataset(index, "val", R, lut=task.label_lut if labelled else None, protocol=cfg.protocol,
                         root=stage.params.dataset.root)
     names = list(task.class_names)
-    log.info("%d val images at %d px, decoder %s, %s, %s", len(data), R, decoder_path,
-             f"{len(names)} classes" if labelled else "no labels: predictions only", precision)
+    if cfg.protocol == "stego" and R != 320:
+        log.warning("evaluate.protocol stego evaluates at dataset.R = %d px; STEGO's published protocol uses 320", R)
+    workers = crf_workers(stage) if cfg.crf else 0
+    log.info("%d val images at %d px (protocol %s), decoder %s, %s, %s%s", len(data), R, cfg.protocol, decoder_path,
+             f"{len(names)} classes" if labelled else "no labels: predictions only", precision,
+             f", dense CRF over {workers} processes" if cfg.crf else "")
     key = stage.run_key([stage.dep("index.json"), decoder_path], precision=precision, device=stage.device.type)
     pieces = stage.pieces(out / "predictions", data, cfg.batch_size, key)
-    with stage.timed():
+    with stage.timed(), (CrfPool(workers) if cfg.crf else contextlib.nullcontext()) as crf:
         predictions_dir = predict_split(stage, Segmenter(backbone, decoder), precision, data, pieces,
-                                        cfg.n_pictures, labelled, entries)
+                                        cfg.n_pictures, labelled, entries, crf)
     if not dist.is_main():
         return
-    names_kept = ["confusion", "kept_index", "kept_image", "kept_pred"] + (["kept_label"] if labelled else [])
+    names_kept = ["confusion", "kept_index", "kept_image", "kept_pred"] + (["kept_label"] if labelled else []) \
+        + (["crf_confusion", "kept_crf"] if cfg.crf else [])
     parts = gather_batches(pieces.paths(), names_kept)
     conf = parts["confusion"].sum(0)
-    kept = [(int(i), parts["kept_image"][k], parts["kept_pred"][k], parts["kept_label"][k] if labelled else None)
+    kept = [(int(i), parts["kept_image"][k], parts["kept_pred"][k], parts["kept_label"][k] if labelled else None,
+             parts["kept_crf"][k] if cfg.crf else None)
             for k, i in enumerate(parts["kept_index"])]
+    crf_clusters = None
     if labelled:
         s = segmentation_scores(conf)
         clusters = match_clusters(s["mapping"], names, s["per_class_iou"])
@@ -138,6 +170,12 @@ def main(stage, args):
         if cfg.patch_kmeans_baseline:
             metrics.update(baseline_scores(stage, backbone, data))
         metrics.update(miou_by_kind(s["per_class_iou"], task.class_kinds))  # miou_things, miou_stuff
+        if cfg.crf:  # the CRF's predictions matched on their own confusion, as STEGO's and CAUSE's evaluation does
+            c = segmentation_scores(parts["crf_confusion"].sum(0))
+            crf_clusters = match_clusters(c["mapping"], names, c["per_class_iou"])
+            metrics.update({"crf_miou": c["miou"], "crf_pixel_accuracy": c["pixel_accuracy"]})
+            metrics.update({f"crf_{k}": v for k, v in miou_by_kind(c["per_class_iou"], task.class_kinds).items()})
+            log.info("with the dense CRF: miou %.2f, pixel accuracy %.2f", c["miou"], c["pixel_accuracy"])
         write_scores(out, s, names)
         log.info("miou %.2f, pixel accuracy %.2f", s["miou"], s["pixel_accuracy"])
     else:
@@ -151,8 +189,10 @@ def main(stage, args):
     write_cluster_classes(out / "cluster_classes.json", clusters, names if labelled else [], decoder=decoder_path)
     with atomic_output(out / "pictures") as tmp:
         tmp.mkdir()
-        for i, img, pred, lab in kept:  # prediction in its matched classes' colours, ground truth in the classes'
-            comparison_picture(img, clusters.legend[pred], lab, clusters.legend_names, clusters.legend_colors
+        crf_legend = (crf_clusters or clusters).legend  # the CRF's predictions in the colours of their own matching
+        for i, img, pred, lab, refined in kept:  # prediction in its matched classes' colours, ground truth in the classes'
+            comparison_picture(img, clusters.legend[pred], lab, clusters.legend_names, clusters.legend_colors,
+                               crf=None if refined is None else crf_legend[refined]
                                ).save(tmp / f"{i:03d}_{entries[i]['id']}.png")
     with atomic_output(out / "predictions") as tmp:  # hard links: the pieces stay whole until removed
         link_tree(predictions_dir, tmp)

@@ -1,6 +1,7 @@
 """prepare: make the dataset ready (generate the synthetic one), check that it suits params.yaml, and write the
 split index with the fingerprint of the dataset's files. dvc.yaml runs it on every `dvc repro` (always_changed):
 it only lists and stats files, and when nothing changed it writes the same index, so nothing after it re-runs."""
+from transfgu.crf import require_pydensecrf
 from transfgu.data.index import prepare_index
 from transfgu.io import write_json
 from transfgu.stage import log, run_stage
@@ -8,6 +9,8 @@ from transfgu.stage import log, run_stage
 
 def main(stage):
     d, out = stage.params.dataset, stage.out("index.json")
+    if stage.params.evaluate.crf:  # evaluate would stop at its start, after the whole pipeline: say it now
+        require_pydensecrf()
     with stage.timed():
         index = prepare_index(d, stage.params.seed, check_images=d.skip_bad, num_workers=d.num_workers)
         stage.params.check_index(index)  # a training batch larger than the train split fails here, not in train

@@ -66,6 +66,9 @@ class PermutedEvalSegmenter:
         labels = torch.stack([self.LABELS[image.numpy().tobytes()] for image in images])
         return torch.tensor(INV)[labels.clamp(0, len(INV) - 1)]
 
+    def __call__(self, images_01, precision="fp32"):  # one-hot logits at the image's size: their argmax is predict's
+        return F.one_hot(self.predict(images_01, precision), len(INV)).permute(0, 3, 1, 2).float() * 10, None
+
 
 class RedCodeSegmenter:
     """predict's Segmenter, replaced: cluster c wherever the image's red channel is 40 c (one-hot logits)."""
@@ -84,7 +87,7 @@ def evaluate_module(monkeypatch, tmp_path):
     monkeypatch.delenv("TRANSFGU_PARAMS", raising=False)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["dataset"].update(root=str(tmp_path / "data"), R=32, synthetic={"n_train": 2, "n_val": 8, "size": 32})
-    params["evaluate"].update(patch_kmeans_baseline=False, n_pictures=8, batch_size=4)
+    params["evaluate"].update(patch_kmeans_baseline=False, n_pictures=8, batch_size=4, crf=False)  # 3 panels
     params["train"].update(batch_size=2)  # prepare checks the batch against the 2 train images
     project = tmp_path / "project"
     project.mkdir()

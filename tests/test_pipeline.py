@@ -64,7 +64,7 @@ def test_repro_runs_every_stage_and_reports_metrics(project):
     files = {path: f["data"] for rev in shown.values() for path, f in rev["data"].items()}
     values = files["outputs/metrics.json"]  # the headline, in this order, and nothing else
     assert list(values) == ["miou", "pixel_accuracy", "baseline_miou", "baseline_pixel_accuracy", "miou_things",
-                            "miou_stuff"]
+                            "miou_stuff", "crf_miou", "crf_pixel_accuracy", "crf_miou_things", "crf_miou_stuff"]
     assert all(0 <= v <= 100 for v in values.values())
     probe = files["outputs/probe_metrics.json"]  # the linear probe: a metric of its own stage
     assert list(probe) == ["linear_miou", "linear_pixel_accuracy"] and all(0 <= v <= 100 for v in probe.values())

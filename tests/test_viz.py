@@ -38,3 +38,17 @@ def test_a_name_wider_than_the_panels_widens_the_picture():
     assert picture.width >= width + 10 > 2 * 160  # the two panels are 320 px wide: the legend sets the width
     a = np.asarray(picture)
     assert ink(a[TITLE_HEIGHT + 160:, int(width) - 10:int(width) + 14])  # the end of the name is drawn
+
+
+def test_crf_panel_between_prediction_and_ground_truth():
+    """With a CRF prediction: image | prediction | prediction + CRF | ground truth, each panel in its colours."""
+    colors = palette(3)
+    pred, refined, label = (np.full((32, 32), k) for k in (0, 1, 2))
+    a = np.asarray(comparison_picture(np.zeros((32, 32, 3), np.uint8), pred, label, ["a", "b", "c"], colors,
+                                      crf=refined))
+    assert a.shape[1] == 4 * 160
+    middle = TITLE_HEIGHT + 80
+    for panel, k in ((1, 0), (2, 1), (3, 2)):
+        assert tuple(a[middle, panel * 160 + 80]) == tuple(colors[k]), panel
+    for i in range(4):
+        assert ink(a[:TITLE_HEIGHT, i * 160 + 20:i * 160 + 140]), f"no title over panel {i}"

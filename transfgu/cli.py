@@ -1,6 +1,7 @@
 """The `transfgu` console command.
 
     transfgu predict IMAGES... [--decoder outputs/decoder.pt] [--classes FILE] [--params params.yaml] [--out predictions]
+                     [--crf [--crf-workers N]]
     transfgu pretrain --images IMAGES... [--steps N | --epochs N] [--minutes M] ... (transfgu/pretrain.py)
 
 IMAGES are image files, folders (every image inside, recursively) or glob patterns. For each image it
@@ -9,7 +10,8 @@ and classes.txt says what each cluster id is. The names and colours come from th
 that `evaluate` saved next to the decoder (outputs/cluster_classes.json; --classes for another file): the
 colour of a cluster is that of its matched class in outputs/pictures. Without a matching the outputs are
 called "cluster i". The backbone and working resolution come from params.yaml (the ones the decoder was
-trained with)."""
+trained with). --crf refines each prediction with the dense CRF of evaluate.crf (the `crf` install extra): on the
+image at the working resolution, the refined probabilities then upsampled to the image's own size."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import pretrain
+from .crf import CrfPool, available_cpus, probabilities, require_pydensecrf
 from .data.images import ImageFiles, collect_images, to_rgb, unreadable
 from .config import load_params
 from .errors import InputFileNotFound, InputValueError
@@ -49,9 +52,11 @@ def classes_table(clusters: ClusterNames) -> str:
 
 
 def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: int = 16, num_workers: int = 0,
-                  device="cpu", alpha: float = 0.5, clusters: ClusterNames | None = None, precision: str = "fp32"):
+                  device="cpu", alpha: float = 0.5, clusters: ClusterNames | None = None, precision: str = "fp32",
+                  crf: CrfPool | None = None):
     """Segment image files; write label, colour and overlay PNGs and classes.txt into `out`. `clusters` names and
-    colours the decoder's outputs (matching.read_cluster_classes; None: "cluster i"). Returns the label paths."""
+    colours the decoder's outputs (matching.read_cluster_classes; None: "cluster i"). `crf`: refine each image's
+    probabilities at `size` with the dense CRF, then upsample the refined ones. Returns the label paths."""
     out.mkdir(parents=True, exist_ok=True)
     clusters = clusters or unmatched_clusters(decoder.n_cls)
     colors = clusters.colors
@@ -62,6 +67,9 @@ def predict_files(paths, out: Path, backbone, decoder, size: int, batch_size: in
     for batch in progress(loader, desc="predict", unit="batch"):
         with torch.no_grad():
             logits, _ = segmenter(batch["image"].to(device).float() / 255, precision)
+        if crf is not None:  # the marginals at `size` take the logits' place
+            images = batch["image"].permute(0, 2, 3, 1).numpy()
+            logits = torch.from_numpy(np.stack(list(crf.refine(zip(images, probabilities(logits, (size, size)))))))
         for j, i in enumerate(batch["index"].tolist()):
             H, W = int(batch["height"][j]), int(batch["width"][j])
             label = F.interpolate(logits[j:j + 1], size=(H, W), mode="bilinear", align_corners=False)[0].argmax(0)
@@ -120,6 +128,8 @@ def cmd_predict(args):
     if size < patch or size % patch:
         raise InputValueError(f"--size / dataset.R: expected a multiple of the patch size {patch}, got {size}")
     seed = params.seed if params else 0
+    if args.crf:
+        require_pydensecrf("--crf", "or leave --crf out")  # a missing install extra: one line, before any work
     decoder_path = Path(args.decoder)
     if not decoder_path.is_file():
         raise InputFileNotFound(f"{decoder_path} not found: train one with `dvc repro` or pass --decoder")
@@ -155,8 +165,13 @@ def cmd_predict(args):
     log.info("%d images, decoder %s (%d channels), backbone %s/%d at %d px on %s, %s", len(paths), decoder_path,
              n_out, arch, patch, size, device, precision)
     t0 = time.time()
-    written = predict_files(paths, Path(args.out), backbone, decoder, size, args.batch_size, args.num_workers,
-                            device, clusters=clusters, precision=precision)
+    crf = CrfPool(args.crf_workers or available_cpus()) if args.crf else None
+    try:
+        written = predict_files(paths, Path(args.out), backbone, decoder, size, args.batch_size, args.num_workers,
+                                device, clusters=clusters, precision=precision, crf=crf)
+    finally:
+        if crf is not None:
+            crf.close()
     log.info("wrote %d label / colour / overlay PNG triples to %s in %.1f s", len(written), args.out,
              time.time() - t0)
 
@@ -182,6 +197,9 @@ def main(argv=None):
     p.add_argument("--skip-bad", action="store_true", help="leave out images that cannot be read (with a warning) "
                    "instead of stopping at the first one")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--crf", action="store_true", help="refine the predictions with the dense CRF (STEGO's kernels; "
+                   "needs pip install 'transfgu[crf]')")
+    p.add_argument("--crf-workers", type=int, help="processes of the CRF (default: every CPU)")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="fp32 | bf16 | auto = bf16 on a GPU (default: evaluate.precision of params, else auto)")
     q = sub.add_parser("pretrain", help="pretrain a backbone with DINO on image files (docs/usage.md, \"Pretraining\")",

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 from pydantic.fields import FieldInfo
 
-from .choices import BACKENDS, DECODES, LAUNCHERS, PRECISIONS
+from .choices import BACKENDS, DECODES, LAUNCHERS, PRECISIONS, PROTOCOLS
 from .data.tasks import DATASETS, FOLDER, Task, dataset_is_things_only, resolve_task
 from .errors import BadInput, InputFileNotFound, InputValueError
 from .launch import plan
@@ -144,6 +144,8 @@ class EvaluateConfig(Section):
     patch_kmeans_baseline: bool = True
     precision: Precision = "auto"
     num_workers: Workers = "auto"
+    crf: bool = True                            # also score the dense-CRF-refined predictions (crf_* metrics)
+    protocol: Literal[PROTOCOLS] = "transfgu"  # val resize / crop: TransFGU's square resize or STEGO's
 
 
 class ProbeConfig(Section):

@@ -35,20 +35,29 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
     return int(round(draw.textlength(text, font=font)))
 
 
+CRF_TITLE = "prediction + CRF"
+
+
 def comparison_picture(image: np.ndarray, prediction: np.ndarray, label: np.ndarray | None,
-                       class_names, colors: np.ndarray, min_height: int = 160) -> Image.Image:
-    """One row image | prediction | ground truth (when `label` is given) under a band with the panel titles,
-    above a legend of the entries present. `prediction` and `label` are ids into `class_names` / `colors` (the
-    legend; negative or out-of-range ids are black). The legend flows over as many lines as it needs and
-    shows every name in full; the picture widens when a single entry is wider than the panels."""
-    panels = [image, colorize(prediction, colors)]
+                       class_names, colors: np.ndarray, min_height: int = 160,
+                       crf: np.ndarray | None = None) -> Image.Image:
+    """One row image | prediction | prediction + CRF (when `crf` is given) | ground truth (when `label` is given)
+    under a band with the panel titles, above a legend of the entries present. `prediction`, `crf` and `label`
+    are ids into `class_names` / `colors` (the legend; negative or out-of-range ids are black). The legend flows
+    over as many lines as it needs and shows every name in full; the picture widens when a single entry is wider
+    than the panels."""
+    panels, titles = [image, colorize(prediction, colors)], list(PANEL_TITLES[:2])
+    if crf is not None:
+        panels.append(colorize(crf, colors))
+        titles.append(CRF_TITLE)
     if label is not None:
         panels.append(colorize(label, colors))
+        titles.append(PANEL_TITLES[2])
     row = np.concatenate(panels, axis=1)
     zoom = max(1, -(-min_height // row.shape[0]))  # small images are enlarged (nearest) to be readable
     row = row.repeat(zoom, axis=0).repeat(zoom, axis=1)
     panel_w = row.shape[1] // len(panels)
-    present = set(np.unique(prediction).tolist()) | (set(np.unique(label).tolist()) if label is not None else set())
+    present = set().union(*(np.unique(a).tolist() for a in (prediction, crf, label) if a is not None))
     present = [c for c in sorted(present) if 0 <= c < len(class_names)]
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -67,7 +76,7 @@ def comparison_picture(image: np.ndarray, prediction: np.ndarray, label: np.ndar
                        (255, 255, 255))
     canvas.paste(Image.fromarray(row), (0, top))
     draw = ImageDraw.Draw(canvas)
-    for i, title in enumerate(PANEL_TITLES[:len(panels)]):
+    for i, title in enumerate(titles):
         tw = _text_width(draw, title, font)
         draw.text((i * panel_w + max((panel_w - tw) // 2, 0), 2), title, fill=(0, 0, 0), font=font)
     y0 = top + row.shape[0] + margin // 2

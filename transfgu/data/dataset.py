@@ -19,11 +19,14 @@ class SplitDataset(torch.utils.data.Dataset):
     `root`, which comes from params.yaml (`dataset.root`), not from the index."""
 
     def __init__(self, index: dict, split: str, size: int, lut: np.ndarray | None = None, maps=None,
-                 decode: str = "host", *, root: str | Path):
+                 decode: str = "host", protocol: str = "transfgu", *, root: str | Path):
         self.root = Path(root)
+        self.protocol = protocol  # how images and labels come to (size, size): transfgu.data.images.fit
         self.entries = index["splits"][split]
         self.size, self.lut = size, lut
         self.maps = maps  # maps[i] -> image i's pseudo maps (K, h, w), e.g. transfgu.pseudo_store.PseudoMaskReader
+        if decode == "device" and protocol != "transfgu":
+            raise InputValueError(f"decode: device resizes square only, not as protocol {protocol} (use decode: host)")
         if decode == "device":
             other = next((e["image"] for e in self.entries if not e["image"].lower().endswith(JPEG_EXTENSIONS)),
                          None)
@@ -51,11 +54,11 @@ class SplitDataset(torch.utils.data.Dataset):
             if self.decode == "device":  # only read here; `images_on` decodes the batch where it is used
                 item = {"index": i, "jpeg": read_bytes(self.root / e["image"]), "jpeg_size": self.size}
             else:
-                item = {"index": i, "image": load_rgb(self.root / e["image"], self.size)}
+                item = {"index": i, "image": load_rgb(self.root / e["image"], self.size, self.protocol)}
         except InputOSError as err:  # the split index lists it: prepare can leave such files out
             raise InputOSError(f"{err}; `dataset.skip_bad: true` makes prepare leave unreadable images out") from err
         if self.lut is not None and e.get("label"):
-            item["label"] = load_label(self.root / e["label"], self.size, self.lut)
+            item["label"] = load_label(self.root / e["label"], self.size, self.lut, self.protocol)
         if self.maps is not None:
             item["maps"] = self.maps[i]
         return item

@@ -58,15 +58,37 @@ def _mat_image(path: Path) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(a), "RGB")
 
 
-def load_rgb(path: Path, size: int) -> torch.Tensor:
-    """An image file (or a .mat image, `_mat_image`) as uint8 (3, size, size), resized bilinearly (aspect not
-    kept)."""
+def shorter_side_center_crop(im: Image.Image, size: int) -> Image.Image:
+    """STEGO's val transform (evaluate.protocol: stego; docs/method.md, "STEGO's evaluation protocol"), for images
+    and labels alike: torchvision's `Resize(size, Image.NEAREST)` (the shorter side to `size`, the other to
+    int(size * long / short), nearest neighbour), then `CenterCrop(size)` (offsets int(round((side - size) / 2)))."""
+    w, h = im.size
+    nw, nh = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.NEAREST)
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return im.crop((left, top, left + size, top + size))
+
+
+def fit(im: Image.Image, size: int, protocol: str, resample) -> Image.Image:
+    """An image or label at (size, size) as `protocol` reads it: "transfgu" resizes it square (aspect not kept)
+    with `resample`; "stego" is shorter_side_center_crop."""
+    if protocol == "stego":
+        return shorter_side_center_crop(im, size)
+    if protocol != "transfgu":
+        raise ValueError(f"unknown protocol {protocol!r}")
+    return im.resize((size, size), resample)
+
+
+def load_rgb(path: Path, size: int, protocol: str = "transfgu") -> torch.Tensor:
+    """An image file as uint8 (3, size, size), resized bilinearly (aspect not kept; `protocol` "stego":
+    shorter_side_center_crop)."""
     if Path(path).suffix.lower() == MAT_EXTENSION:
-        im = _mat_image(path).resize((size, size), Image.BILINEAR)
+        im = fit(_mat_image(path), size, protocol, Image.BILINEAR)
         return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     try:
         with Image.open(path) as im:
-            im = to_rgb(im).resize((size, size), Image.BILINEAR)
+            im = fit(to_rgb(im), size, protocol, Image.BILINEAR)
             return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise InputOSError(f"cannot read image {path}: {e}") from e
@@ -107,22 +129,22 @@ def decode_resize(jpegs: list[np.ndarray], size: int, device) -> torch.Tensor:
     return out
 
 
-def load_label(path: Path, size: int, lut: np.ndarray) -> torch.Tensor:
+def load_label(path: Path, size: int, lut: np.ndarray, protocol: str = "transfgu") -> torch.Tensor:
     """A label PNG (8 or 16 bit, gray or palette indices), or a .mat label (key "gt", Potsdam), mapped through lut
-    and resized (nearest) to (size, size), int64. A value the dataset never uses is an error naming the file and
-    the value."""
+    and resized (nearest) to (size, size), int64 (`protocol` "stego": shorter_side_center_crop). A value the
+    dataset never uses is an error naming the file and the value."""
     if Path(path).suffix.lower() == MAT_EXTENSION:  # key "gt": an H x W integer array
         a = load_mat(path, "gt")
         if a.ndim != 2 or a.dtype.kind not in "iu":
             raise InputOSError(f"cannot read label {path}: expected an H x W integer array under 'gt', got "
                                f"{a.dtype} {a.shape}")
-        raw = np.asarray(Image.fromarray(a.astype(np.int32), "I").resize((size, size), Image.NEAREST))
+        raw = np.asarray(fit(Image.fromarray(a.astype(np.int32), "I"), size, protocol, Image.NEAREST))
         return _mapped(path, raw.astype(np.int64), lut)
     try:
         with Image.open(path) as im:
             if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise OSError(f"label maps must be single-channel (L, P or 16-bit), got mode {im.mode}")
-            raw = np.asarray(im.resize((size, size), Image.NEAREST)).astype(np.int64)
+            raw = np.asarray(fit(im, size, protocol, Image.NEAREST)).astype(np.int64)
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
         raise InputOSError(f"cannot read label {path}: {e}") from e
     return _mapped(path, raw, lut)
