@@ -140,7 +140,7 @@ def reference_crf_scores(root: Path, R: int) -> dict:
     params = load_params(root / "params.yaml")
     task = resolve_task(params.dataset, params.granularity)
     index = json.loads((root / "outputs" / "index.json").read_text())
-    data = SplitDataset(index, "val", R, lut=task.label_lut)
+    data = SplitDataset(index, "val", R, lut=task.label_lut, root=params.dataset.root)
     backbone = build_backbone("vit_mini", 8, None, seed=params.seed)
     decoder = load_decoder(build_decoder(6, 192), root / "outputs" / "decoder.pt").eval()
     seg = Segmenter(backbone, decoder)
