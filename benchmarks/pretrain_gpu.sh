@@ -153,6 +153,10 @@ p = yaml.safe_load(open("params.base.yaml"))
 p["granularity"] = g
 p["dataset"]["root"] = "data/synthetic"
 p["backbone"].update(arch="vit_mini", patch_size=8, checkpoint=teacher)
+try:  # the dense CRF (evaluate.crf) needs the crf extra, which the GPU machine may lack: then plain scores only
+    import pydensecrf.densecrf  # noqa: F401
+except ImportError:
+    p["evaluate"]["crf"] = False
 if pipe:
     p["dataset"]["synthetic"].update(n_train=pipe["n_train"], n_val=pipe["n_val"])
     p["train"]["epochs"] = pipe["epochs"]
