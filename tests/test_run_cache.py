@@ -202,7 +202,7 @@ TINY = {
     "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
     "evaluate": {"batch_size": 4, "n_pictures": 2},
 }
-AFTER_PREPARE = ["extract", "cluster", "pseudo", "train", "evaluate"]
+AFTER_PREPARE = ["extract", "cluster", "pseudo", "train", "evaluate", "probe"]
 KEPT = ["metrics.json", "cluster_classes.json", "decoder.pt", "pseudo_metrics.json", "train_log.csv",
         "dvclive/metrics.json", "eval_details.json", "confusion.csv"]
 
@@ -251,9 +251,10 @@ def test_an_experiment_seen_before_runs_nothing_but_prepare(project):
     root, logs, first = project
     assert what_ran(logs["repro"]) == dict.fromkeys(["prepare", *AFTER_PREPARE], "ran")
     assert what_ran(logs["12"]) == {"prepare": "ran", "extract": "unchanged", "cluster": "ran", "pseudo": "ran",
-                                    "train": "ran", "evaluate": "ran"}
+                                    "train": "ran", "evaluate": "ran", "probe": "ran"}
     assert what_ran(logs["6"]) == {"prepare": "ran", "extract": "unchanged", "cluster": "run cache",
-                                   "pseudo": "run cache", "train": "run cache", "evaluate": "run cache"}
+                                   "pseudo": "run cache", "train": "run cache", "evaluate": "run cache",
+                                   "probe": "run cache"}
     assert outputs(root) == first  # restored, not recomputed: train_log.csv's seconds too
     status = json.loads(dvc(root, "status", "--json"))
     assert status == {"prepare": ["always changed"]}, status
