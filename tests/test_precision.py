@@ -30,6 +30,18 @@ def scenes(n: int, size: int, seed: int = 0) -> torch.Tensor:
                         for _ in range(n)])
 
 
+def crop_features_fp32_bf16(backbone, R: int):
+    """extract's crop [CLS] features of 6 scenes at 2R in float32 and in bf16, concatenated, after checking that
+    both precisions keep the same crops per image (the larger windows only: fewer crops, a faster test)."""
+    images = backbone.normalize(scenes(6, 2 * R))
+    windows = crop_windows(2 * R // backbone.patch_size, (0.5, 0.4))
+    ref = crop_features(backbone, images, windows, R, 512)
+    low = crop_features(backbone, images, windows, R, 512, precision="bf16")
+    for part32, part16 in zip(ref, low):
+        assert [len(f) for f in part32] == [len(f) for f in part16]
+    return torch.cat([f for part in ref for f in part]), torch.cat([f for part in low for f in part])
+
+
 def test_resolve_precision():
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", torch.device("cuda")) == "bf16"
@@ -50,15 +62,7 @@ def test_extract_bf16_within_tolerance(arch):
     """extract with precision bf16: the same windows (selection stays float32) and crop [CLS] features with
     cosine >= 0.999 to float32's for every crop (measured >= 0.99995)."""
     R = 64
-    backbone = build_backbone(arch, 8, None, seed=1)
-    images = backbone.normalize(scenes(6, 2 * R))
-    windows = crop_windows(2 * R // 8, (0.5, 0.4))  # the larger windows only: fewer crops, a faster test
-    ref = crop_features(backbone, images, windows, R, 512)
-    low = crop_features(backbone, images, windows, R, 512, precision="bf16")
-    for part32, part16 in zip(ref, low):
-        assert [len(f) for f in part32] == [len(f) for f in part16]
-    f32 = torch.cat([f for part in ref for f in part])
-    f16 = torch.cat([f for part in low for f in part])
+    f32, f16 = crop_features_fp32_bf16(build_backbone(arch, 8, None, seed=1), R)
     assert len(f32) > 50 and f16.dtype == torch.float32
     assert not torch.equal(f32, f16)
     cos = F.cosine_similarity(f32, f16, dim=1)
@@ -160,15 +164,7 @@ def test_new_backbones_bf16_within_tolerance(arch, R):
     K = 27) and evaluate (>= 98.5 % identical pixels, untrained decoder) on DINOv2 with and without registers and
     DINOv3, as the tests above on DINO (figures in docs/usage.md, "Precision")."""
     backbone = build_backbone(arch, None, None, seed=1)
-    p = backbone.patch_size
-    images = backbone.normalize(scenes(6, 2 * R))
-    windows = crop_windows(2 * R // p, (0.5, 0.4))
-    ref = crop_features(backbone, images, windows, R, 512)
-    low = crop_features(backbone, images, windows, R, 512, precision="bf16")
-    for part32, part16 in zip(ref, low):
-        assert [len(f) for f in part32] == [len(f) for f in part16]
-    f32 = torch.cat([f for part in ref for f in part])
-    f16 = torch.cat([f for part in low for f in part])
+    f32, f16 = crop_features_fp32_bf16(backbone, R)
     assert len(f32) > 20 and not torch.equal(f32, f16)
     assert F.cosine_similarity(f32, f16, dim=1).min().item() >= 0.999
 

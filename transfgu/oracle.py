@@ -58,6 +58,6 @@ def oracle_mask_parts(label: torch.Tensor, concept_of_class: torch.Tensor, n_con
     concept = torch.where(valid, concept_of_class.to(label.device)[label.clamp(0, len(concept_of_class) - 1)],
                           torch.full_like(label, -1))
     onehot = torch.zeros(B, n_concepts + 1, R, R, device=label.device)
-    onehot.scatter_(1, (concept + 1).clamp_min(0)[:, None], 1.0)  # channel 0: no concept
+    onehot.scatter_(1, (concept + 1)[:, None], 1.0)  # channel 0: no concept (-1)
     share = F.avg_pool2d(onehot[:, 1:], patch)  # (B, K, h, w): exact area fractions, patches do not overlap
     return torch.zeros(B, R // patch, R // patch, device=label.device), share
