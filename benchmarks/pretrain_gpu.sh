@@ -30,7 +30,7 @@
 #   PRETRAIN_SECONDS=S      pretraining time the run is sized to (default 200; --quick: 20)
 #   PRETRAIN_BATCH=N        pretraining batch (default 1024; not with --quick)
 #   PRETRAIN_LR=LR          pretraining learning rate (default 0.0005 x batch / 256; not with --quick)
-#   PRETRAIN_EXTRA="..."    more `transfgu pretrain` options, e.g. "--compile"
+#   PRETRAIN_EXTRA="..."    more `transfgu pretrain` options (later ones win), e.g. "--compile" or "--local-scale 0.05 0.25"
 #   PIPELINE=0              stop after step 3b (pretrain only; the teacher file tried in the pipeline elsewhere)
 #   WORK=DIR                the scratch folder (default a new one under TMPDIR or /tmp, removed at the end)
 #   KEEP_WORK=1             keep the scratch folder

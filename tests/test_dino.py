@@ -1,5 +1,6 @@
 """DINO pretraining: loss, centre, EMA teacher, multi-crop, checkpoint format, the `transfgu pretrain` command
 (resume, time budget, torch.compile, the shipped teacher file)."""
+import argparse
 import csv
 import json
 import os
@@ -14,7 +15,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from transfgu.data.synthetic import generate_scene
-from transfgu.dino import DINOHead, DINOLoss, DINOTrainer, MultiCrop, cosine_schedule, save_dino_checkpoint
+from transfgu import pretrain
+from transfgu.dino import (DINOHead, DINOLoss, DINOTrainer, MultiCrop, cosine_schedule, random_resized_boxes,
+                           save_dino_checkpoint)
+from transfgu.errors import InputValueError
 from transfgu.models.vit import DinoViT, _unwrap_state_dict, build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,6 +161,41 @@ def test_multicrop_views_and_determinism():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not torch.equal(a[0], c[0])
     assert all(v.min() >= 0 and v.max() <= 1 for v in a)
+
+
+def test_random_resized_boxes_follow_the_area_scale_and_the_ratio():
+    g = torch.Generator().manual_seed(0)
+    boxes = random_resized_boxes(4000, 48, 64, (0.1, 0.3), g).double()
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 64 + 1e-4).all() and (boxes[:, 3] <= 48 + 1e-4).all()
+    area = w * h / (48 * 64)
+    assert area.min() >= 0.1 - 1e-5 and area.max() <= 0.3 + 1e-5
+    assert area.min() < 0.11 and area.max() > 0.29  # the whole range is drawn
+    ratio = w / h
+    assert ratio.min() >= 3 / 4 - 1e-5 and ratio.max() <= 4 / 3 + 1e-5
+    # a crop of the whole area fits (almost surely) no ratio drawn: the whole image, as torchvision falls back
+    whole = random_resized_boxes(5, 48, 64, (1.0, 1.0), g)
+    assert torch.equal(whole, torch.tensor([[0.0, 0.0, 64.0, 48.0]] * 5))
+
+
+def test_pretrain_crop_scale_options():
+    """--global-scale / --local-scale reach the multi-crop, change the run key (a state file of other scales is
+    not resumed), default to DINO's, and out-of-range values are one error naming the option."""
+    ap = argparse.ArgumentParser()
+    pretrain.add_arguments(ap)
+    default = ap.parse_args(["--images", "x"])
+    explicit = ap.parse_args(["--images", "x", "--global-scale", "0.4", "1", "--local-scale", "0.05", "0.4"])
+    other = ap.parse_args(["--images", "x", "--global-scale", "0.5", "1", "--local-scale", "0.1", "0.25"])
+    mc, mc_other = pretrain.multicrop_of(default), pretrain.multicrop_of(other)
+    assert (mc.global_scale, mc.local_scale) == ((0.4, 1.0), (0.05, 0.4))
+    assert (mc_other.global_scale, mc_other.local_scale) == ((0.5, 1.0), (0.1, 0.25))
+    assert pretrain.run_key(default, ["a.png"]) == pretrain.run_key(explicit, ["a.png"])
+    assert pretrain.run_key(default, ["a.png"]) != pretrain.run_key(other, ["a.png"])
+    pretrain.check_arguments(other)
+    for option, values in (("--local-scale", ["0.5", "0.2"]), ("--global-scale", ["0", "1"]),
+                           ("--global-scale", ["0.4", "1.5"])):
+        with pytest.raises(InputValueError, match=f"^{option} .*0 < MIN <= MAX <= 1"):
+            pretrain.check_arguments(ap.parse_args(["--images", "x", option, *values]))
 
 
 def test_head_and_schedules():

@@ -2,7 +2,7 @@
 a backbone on your own images (DINO)").
 
     transfgu pretrain --images data/my_images 'more/*.jpg' --arch vit_mini --patch-size 8 --global-size 64 \
-        --local-size 32 --n-local 4 --steps 10000 --batch-size 256 --lr 5e-4 \
+        --local-size 32 --n-local 4 [--global-scale 0.4 1 --local-scale 0.05 0.4] --steps 10000 --batch-size 256 --lr 5e-4 \
         --out weight/dino/dino_vit_mini8_synthetic.pth [--minutes 4] [--device cuda] [--amp] [--compile]
 
 Length: `--steps` optimisation steps, or `--epochs` passes over the images (`--steps` wins). The lr, weight
@@ -64,6 +64,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--global-size", type=int, default=64, help="side of the 2 global crops (px)")
     ap.add_argument("--local-size", type=int, default=32, help="side of the local crops (px)")
     ap.add_argument("--n-local", type=int, default=4, help="number of local crops")
+    ap.add_argument("--global-scale", type=float, nargs=2, default=(0.4, 1.0), metavar=("MIN", "MAX"),
+                    help="area fraction of the image each global crop covers, drawn uniformly in [MIN, MAX] "
+                         "(DINO's --global_crops_scale; default: %(default)s)")
+    ap.add_argument("--local-scale", type=float, nargs=2, default=(0.05, 0.4), metavar=("MIN", "MAX"),
+                    help="the same for the local crops (DINO's --local_crops_scale; default: %(default)s)")
     ap.add_argument("--image-size", type=int, help="images are loaded at this side (default: 2 * global size)")
     ap.add_argument("--epochs", type=int, default=100, help="passes over the images (unless --steps)")
     ap.add_argument("--steps", type=int, help="total optimisation steps (instead of --epochs); the schedules "
@@ -108,14 +113,25 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
 
 
-def check_sizes(args) -> None:
+def check_arguments(args) -> None:
     for name in ("global_size", "local_size"):
         value = getattr(args, name)
         if value <= 0 or value % args.patch_size:
             raise InputValueError(f"--{name.replace('_', '-')} {value} must be a positive multiple of the patch size "
                                   f"{args.patch_size}")
+    for name in ("global_scale", "local_scale"):
+        lo, hi = getattr(args, name)
+        if not 0 < lo <= hi <= 1:
+            raise InputValueError(f"--{name.replace('_', '-')} {lo:g} {hi:g}: expected two area fractions "
+                                  f"0 < MIN <= MAX <= 1")
     if args.epochs < 1 or args.batch_size < 1 or args.n_local < 0 or (args.steps is not None and args.steps < 1):
         raise InputValueError("--epochs, --steps and --batch-size must be >= 1 and --n-local >= 0")
+
+
+def multicrop_of(args) -> MultiCrop:
+    """The multi-crop augmentation the arguments describe."""
+    return MultiCrop(args.global_size, args.local_size, args.n_local, global_scale=tuple(args.global_scale),
+                     local_scale=tuple(args.local_scale))
 
 
 def write_loss_csv(path: Path, rows: list[dict]) -> None:
@@ -189,7 +205,7 @@ class Images:
 
 def run(args) -> dict:
     t_start = time.time()
-    check_sizes(args)
+    check_arguments(args)
     paths = collect_images(args.images)
     image_size = args.image_size or 2 * args.global_size
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -210,7 +226,7 @@ def run(args) -> dict:
 
     backbone = DinoViT(args.arch, args.patch_size)  # seeded above; trainable (build_backbone would freeze it)
     head = DINOHead(backbone.embed_dim, args.out_dim, args.hidden_dim, args.bottleneck_dim)
-    multicrop = MultiCrop(args.global_size, args.local_size, args.n_local)
+    multicrop = multicrop_of(args)
     trainer = DINOTrainer(
         backbone, head, multicrop, epochs=epochs, steps_per_epoch=steps_per_epoch, lr=args.lr,
         min_lr=args.min_lr, weight_decay=args.weight_decay, total_steps=total, warmup_steps=warmup_steps,
@@ -229,9 +245,10 @@ def run(args) -> dict:
 
     n_params = sum(p.numel() for p in trainer.student.parameters())
     log.info("%d images at %d px, %s/%d + head (%d parameters) on %s; %d steps (%d per epoch) of %d images, "
-             "%d crops per image (2 x %d px + %d x %d px)%s%s", len(paths), image_size, args.arch, args.patch_size,
-             n_params, device, total, steps_per_epoch, batch_size, multicrop.n_crops, args.global_size,
-             args.n_local, args.local_size, ", bf16" if args.amp else "", ", compiled" if args.compile else "")
+             "%d crops per image (2 x %d px of %g-%g of the area + %d x %d px of %g-%g)%s%s", len(paths), image_size,
+             args.arch, args.patch_size, n_params, device, total, steps_per_epoch, batch_size, multicrop.n_crops,
+             args.global_size, *args.global_scale, args.n_local, args.local_size, *args.local_scale,
+             ", bf16" if args.amp else "", ", compiled" if args.compile else "")
     images = Images(paths, image_size, device, args.preload, args.num_workers)
 
     def save_state(step: int) -> None:
