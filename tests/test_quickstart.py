@@ -17,21 +17,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny_project import merge
+from tiny_project import merge, tiny_dag
 
 pytestmark = pytest.mark.slow  # the whole module spawns dvc / torchrun / bash processes
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.prefix) / "bin"
 
-TINY = {
-    "dataset": {"R": 32, "synthetic": {"n_train": 8, "n_val": 4, "size": 48}},
-    "extract": {"batch_size": 4, "crop_batch": 64},
-    "cluster": {"niter": 20},
-    "pseudo": {"batch_size": 4},
-    "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
-    "evaluate": {"batch_size": 4, "n_pictures": 2},
-}
+TINY = tiny_dag(n_train=8, n_val=4, size=48)
 
 
 def quickstart_block() -> str:

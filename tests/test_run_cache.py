@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 import dataset_trees as trees
-from tiny_project import copy_project, default_params
+from tiny_project import copy_project, default_params, tiny_dag
 from tiny_project import run as run_in_project
 
 REPO = Path(__file__).resolve().parent.parent
@@ -194,14 +194,7 @@ def test_a_relative_root_missing_in_a_queued_workspace_says_to_give_an_absolute_
 
 
 # -- through DVC: the run cache, a shared remote, a queue ------------------------------------------------------------
-TINY = {
-    "dataset": {"R": 32, "synthetic": {"n_train": 12, "n_val": 6, "size": 64}},
-    "extract": {"batch_size": 4, "crop_batch": 64},
-    "cluster": {"niter": 20},
-    "pseudo": {"batch_size": 4},
-    "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
-    "evaluate": {"batch_size": 4, "n_pictures": 2},
-}
+TINY = tiny_dag(n_train=12, n_val=6, size=64)
 AFTER_PREPARE = ["extract", "cluster", "pseudo", "train", "evaluate", "probe"]
 KEPT = ["metrics.json", "cluster_classes.json", "decoder.pt", "pseudo_metrics.json", "train_log.csv",
         "dvclive/metrics.json", "eval_details.json", "confusion.csv"]

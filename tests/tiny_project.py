@@ -24,6 +24,19 @@ def merge(base: dict, over: dict) -> dict:
     return base
 
 
+def tiny_dag(n_train: int, n_val: int, size: int) -> dict:
+    """params overrides for the smallest DAG run through dvc that still exercises every stage (R = 32, batches of 4,
+    2 epochs with one hand-over) on `n_train` / `n_val` synthetic scenes of `size` px; a new dict each call."""
+    return {
+        "dataset": {"R": 32, "synthetic": {"n_train": n_train, "n_val": n_val, "size": size}},
+        "extract": {"batch_size": 4, "crop_batch": 64},
+        "cluster": {"niter": 20},
+        "pseudo": {"batch_size": 4},
+        "train": {"epochs": 2, "batch_size": 4, "bootstrap_start": 1, "bootstrap_intervals": [1]},
+        "evaluate": {"batch_size": 4, "n_pictures": 2},
+    }
+
+
 def predict_files(folder: Path) -> None:
     """What `transfgu predict` reads, in `folder`: params.yaml (synthetic, R = 32, random vit_mini/8) and a seeded
     6-class decoder.pt."""
