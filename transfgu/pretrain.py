@@ -2,7 +2,8 @@
 a backbone on your own images (DINO)").
 
     transfgu pretrain --images data/my_images 'more/*.jpg' --arch vit_mini --patch-size 8 --global-size 64 \
-        --local-size 32 --n-local 4 [--global-scale 0.4 1 --local-scale 0.05 0.4] --steps 10000 --batch-size 256 --lr 5e-4 \
+        --local-size 32 --n-local 4 [--global-scale 0.4 1 --local-scale 0.05 0.4] --steps 10000 \
+        --batch-size 256 --lr 5e-4 \
         --out weight/dino/dino_vit_mini8_synthetic.pth [--minutes 4] [--device cuda] [--amp] [--compile]
 
 Length: `--steps` optimisation steps, or `--epochs` passes over the images (`--steps` wins). The lr, weight
